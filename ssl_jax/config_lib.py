@@ -1,0 +1,250 @@
+"""Config pieces shared by `configs/*.py`, and validation with field-named errors.
+
+A config is an `ml_collections.ConfigDict` with the sections of DESIGN.md "Config":
+`method`, `method_args`, `model`, `data`, `optim`, `train`, `eval`, `sharding`, `dtype`.
+`validate(config, num_devices)` runs before anything is compiled and raises `ConfigError`
+whose message names the offending field (`config.train.batch_size=100 is not divisible ...`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+DTYPES = ("float32", "bfloat16")
+OPTIMIZERS = ("sgd", "lars", "adamw")
+SCHEDULES = ("cosine", "piecewise", "constant")
+MASK_TYPES = (None, "fh", "grid", "gt")
+
+
+class ConfigError(ValueError):
+  """A config value is invalid; the message names the field and what to do."""
+
+
+def base_config() -> ConfigDict:
+  """Every section with its defaults; method configs override what their paper sets."""
+  c = ConfigDict()
+  c.method = ""
+  c.method_args = ConfigDict()
+  c.model = ConfigDict({"name": "resnet50"})
+  c.data = ConfigDict({
+      "source": "builtin_photos",
+      "source_args": ConfigDict(),
+      "image_size": 224,
+      "views": "byol",           # recipe name in ssl_jax.data.views
+      "masks": None,             # None | "fh" | "grid" | "gt"  (DetCon)
+      "max_segments": 64,        # ids per image after compaction (DetCon)
+      "num_workers": 0,          # grain worker processes (0: in-process)
+      "prefetch": 2,
+  })
+  c.optim = ConfigDict({
+      "name": "lars",
+      "base_lr": 0.2,
+      "lr_rule": "linear",       # lr = base_lr * batch_size / 256
+      "warmup_steps": 0,
+      "warmup_epochs": 0.0,      # converted to steps when the dataset size is known
+      "schedule": "cosine",
+      "end_lr": 0.0,
+      "weight_decay": 1.5e-6,
+      "momentum": 0.9,
+      "nesterov": False,
+      "b1": 0.9,
+      "b2": 0.999,
+      "eps": 1e-8,
+      "grad_clip": 0.0,
+      "exclude_from_decay": "bias_and_norm",
+  })
+  c.train = ConfigDict({
+      "batch_size": 4096,        # global, over all devices and hosts
+      "total_steps": 0,          # 0: derive from num_epochs and the dataset size
+      "num_epochs": 300.0,
+      "checkpoint_every_steps": 1000,
+      "keep_checkpoints": 3,
+      "log_every_steps": 50,
+      "seed": 0,
+      "progress_bar": True,
+  })
+  c.eval = ConfigDict()          # name -> evaluator settings, e.g. c.eval.knn
+  c.sharding = ConfigDict({"fsdp": False})
+  c.dtype = "float32"
+  return c
+
+
+def knn_eval(source: str, every_steps: int, **source_args: Any) -> ConfigDict:
+  """A kNN evaluator section: train split of `source` as memory bank, held-out split as queries."""
+  return ConfigDict({
+      "every_steps": every_steps,
+      "source": source,
+      "train_args": ConfigDict(source_args.get("train_args", {})),
+      "test_args": ConfigDict(source_args.get("test_args", {})),
+      "image_size": source_args.get("image_size", 0),  # 0: the pretraining image size
+      "k": 20,
+      "temperature": 0.07,
+      "batch_size": 256,
+      "max_train": 0,            # 0: all
+  })
+
+
+def _require(cond: bool, message: str) -> None:
+  if not cond:
+    raise ConfigError(message)
+
+
+def validate(config: ConfigDict, num_devices: int) -> None:
+  """Checks the config before any compile; raises ConfigError naming the field."""
+  from ssl_jax import registry  # pylint: disable=import-outside-toplevel
+
+  _require(config.method in registry.METHODS,
+           f"config.method={config.method!r} is unknown; known methods: {sorted(registry.METHODS)}")
+  _require(config.dtype in DTYPES, f"config.dtype={config.dtype!r} must be one of {DTYPES}")
+  t, o, d = config.train, config.optim, config.data
+  _require(t.batch_size > 0, f"config.train.batch_size={t.batch_size} must be positive")
+  _require(t.batch_size % num_devices == 0,
+           f"config.train.batch_size={t.batch_size} is not divisible by the {num_devices} devices;"
+           f" use a multiple of {num_devices}")
+  _require(t.total_steps >= 0, f"config.train.total_steps={t.total_steps} must be >= 0")
+  _require(t.total_steps > 0 or t.num_epochs > 0,
+           "set config.train.total_steps or config.train.num_epochs to a positive value")
+  for field in ("checkpoint_every_steps", "log_every_steps", "keep_checkpoints"):
+    _require(t[field] > 0, f"config.train.{field}={t[field]} must be positive")
+  _require(o.name in OPTIMIZERS, f"config.optim.name={o.name!r} must be one of {OPTIMIZERS}")
+  _require(o.base_lr > 0 and math.isfinite(o.base_lr),
+           f"config.optim.base_lr={o.base_lr} must be a positive finite number")
+  _require(o.weight_decay >= 0, f"config.optim.weight_decay={o.weight_decay} must be >= 0")
+  _require(o.schedule in SCHEDULES,
+           f"config.optim.schedule={o.schedule!r} must be one of {SCHEDULES}")
+  _require(o.warmup_steps >= 0 and o.warmup_epochs >= 0,
+           "config.optim.warmup_steps and config.optim.warmup_epochs must be >= 0")
+  _require(d.image_size > 0, f"config.data.image_size={d.image_size} must be positive")
+  _require(d.masks in MASK_TYPES, f"config.data.masks={d.masks!r} must be one of {MASK_TYPES}")
+  _require(d.num_workers >= 0, f"config.data.num_workers={d.num_workers} must be >= 0")
+  patch = config.model.get("patch_size")
+  if patch:
+    _require(d.image_size % patch == 0,
+             f"config.data.image_size={d.image_size} is not divisible by"
+             f" config.model.patch_size={patch}")
+  for name, ev in config.eval.items():
+    _require(ev.get("every_steps", 1) > 0,
+             f"config.eval.{name}.every_steps={ev.get('every_steps')} must be positive")
+  registry.get_method(config.method).validate(config)
+
+
+def parse_arg(arg: str | None) -> dict[str, Any]:
+  """`"demo"` -> {"demo": True}; `"epochs=1000,coco"` -> {"epochs": 1000, "coco": True}."""
+  out: dict[str, Any] = {}
+  for part in filter(None, (arg or "").split(",")):
+    key, sep, value = part.partition("=")
+    if not sep:
+      out[key] = True
+      continue
+    for cast in (int, float):
+      try:
+        out[key] = cast(value)
+        break
+      except ValueError:
+        continue
+    else:
+      out[key] = value
+  return out
+
+
+def imagenet_data(config: ConfigDict, split: str = "train") -> None:
+  """ImageNet from tfds (array_record; see README "Getting ImageNet ready")."""
+  config.data.source = "tfds"
+  config.data.source_args = ConfigDict({"name": "imagenet2012", "split": split,
+                                        "data_dir": ""})
+  config.data.num_workers = 8
+  config.data.prefetch = 4
+
+
+def apply_size_variant(config: ConfigDict, args: dict[str, Any], vit: bool = False) -> None:
+  """`demo` (CPU minutes on the built-in photos) and `test` (seconds, tiny model) variants.
+
+  Both keep the method's own recipe (views, losses, optimizer family) and shrink the model, the
+  resolution, the batch and the run; `demo` adds a kNN probe on held-out photo regions.
+  """
+  if not (args.get("demo") or args.get("test")):
+    return
+  demo = bool(args.get("demo"))
+  if vit:
+    config.model = ConfigDict({"name": "vit_tiny", "patch_size": 8 if demo else 8,
+                               "embed_dim": 64 if demo else 32, "depth": 4 if demo else 2,
+                               "num_heads": 4 if demo else 2})
+  else:
+    config.model = ConfigDict({"name": "resnet18", "width": 16 if demo else 8,
+                               "small_image_stem": not demo})
+  config.data.source = "builtin_photos"
+  config.data.source_args = ConfigDict({"split": "train", "num_per_photo": 64 if demo else 8,
+                                        "crop_size": 96 if demo else 48})
+  config.data.image_size = 64 if demo else 32
+  config.data.num_workers = 0
+  config.train.batch_size = 64 if demo else 16
+  config.train.total_steps = 0
+  config.train.num_epochs = 60.0 if demo else 2.0
+  config.train.log_every_steps = 20 if demo else 2
+  config.train.checkpoint_every_steps = 200 if demo else 4
+  config.train.progress_bar = demo
+  config.optim.warmup_epochs = 5.0 if demo else 0.0
+  config.optim.warmup_steps = 0
+  if demo:
+    config.eval.knn = knn_eval(
+        "builtin_photos", every_steps=100000,
+        train_args={"split": "train", "num_per_photo": 32, "crop_size": 96},
+        test_args={"split": "probe", "num_per_photo": 16, "crop_size": 96})
+
+
+def detcon_config(method: str, args: dict[str, Any]) -> ConfigDict:
+  """configs/detcon_b.py and detcon_s.py: they differ in heads, EMA and presets only."""
+  variant_b = method == "detcon_b"
+  coco = bool(args.get("coco"))
+  epochs = args.get("epochs", 1296 if coco else 1000)
+  long_b = variant_b and epochs >= 1000
+  c = base_config()
+  c.method = method
+  c.method_args = ConfigDict({
+      "projector_hidden": 4096 if variant_b else 2048,
+      "projector_dim": 256 if variant_b else 128,
+      "predictor_hidden": 4096,
+      "ema_base": 0.996 if long_b else 0.99,
+      "temperature": 0.1,
+      "num_samples": 16,
+      "mask_pooling": "hard",
+      "sample_from": "view",
+  })
+  c.model = ConfigDict({"name": "resnet50"})
+  c.data.source = "fh_masks"
+  c.data.source_args = ConfigDict({
+      "path": "", "scale": 1000, "min_size": 1000})
+  c.data.num_workers = 8
+  c.data.prefetch = 4
+  c.data.image_size = 224
+  c.data.views = method
+  c.data.masks = "grid" if args.get("grid") else "fh"
+  c.data.max_segments = 64
+  c.optim.name = "lars"
+  c.optim.base_lr = 0.2 if long_b else 0.3
+  c.optim.weight_decay = 1.5e-6 if long_b else 1e-6
+  c.optim.warmup_epochs = 10.0
+  if coco:
+    c.optim.schedule = "piecewise"
+  c.train.batch_size = 4096
+  c.train.num_epochs = float(epochs)
+  if args.get("demo") or args.get("test"):
+    apply_size_variant(c, args)
+    demo = bool(args.get("demo"))
+    # The built-in photos get FH masks computed once into a cache (ssl_jax.data.sources).
+    c.data.source = "fh_masks"
+    c.data.source_args = ConfigDict({
+        "path": "", "scale": 100 if demo else 50, "min_size": 50 if demo else 20,
+        "precompute_from": "builtin_photos",
+        "precompute_args": ConfigDict({"split": "train", "num_per_photo": 64 if demo else 8,
+                                       "crop_size": 96 if demo else 48})})
+    c.data.max_segments = 16
+    c.method_args.num_samples = 8 if demo else 4
+    c.method_args.projector_hidden = 256 if demo else 64
+    c.method_args.predictor_hidden = 256 if demo else 64
+    c.method_args.projector_dim = 64 if demo else 32
+  return c

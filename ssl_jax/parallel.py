@@ -21,13 +21,18 @@ DATA = "data"
 def initialize_distributed() -> None:
   """Calls `jax.distributed.initialize()` when launched as one of several processes.
 
-  Cloud TPU pods and SLURM are auto-detected by JAX; a local multi-process launch sets
-  JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (launch/local_multiprocess.sh).
+  Cloud TPU pods and SLURM are detected by JAX itself; a local multi-process launch
+  (launch/local_multiprocess.sh) sets JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID; SSL_JAX_DISTRIBUTED=1 forces the call on any other cluster JAX knows.
   """
   if jax.distributed.is_initialized():
     return
-  if (os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_NTASKS", "1") != "1"
-      or os.environ.get("TPU_WORKER_HOSTNAMES", "localhost") not in ("", "localhost")):
+  env = os.environ
+  if env.get("JAX_COORDINATOR_ADDRESS") and env.get("JAX_NUM_PROCESSES"):
+    jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]),
+                               int(env["JAX_PROCESS_ID"]))
+  elif (env.get("SSL_JAX_DISTRIBUTED") == "1" or int(env.get("SLURM_NTASKS", "1")) > 1
+        or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1):
     jax.distributed.initialize()
 
 

@@ -28,6 +28,7 @@ def get_config(arg=None):
   c.optim.weight_decay = 0.1
   c.optim.b1, c.optim.b2 = 0.9, 0.999
   c.optim.warmup_epochs = 40.0
+  c.optim.exclude_from_decay = "none"  # the official AdamW decays every parameter
   c.train.batch_size = 4096
   c.train.num_epochs = float(args.get("epochs", 300))
   config_lib.apply_size_variant(c, args, vit=True)

@@ -40,7 +40,9 @@ def make(config) -> base.Method:
     out, stats = base.apply_train(net, params, state["batch_stats"], both,
                                   method=base.SiameseNet.project)
     z1, z2 = out["z"][:b], out["z"][b:]
-    loss = losses.nt_xent(z1, z2, a.temperature)
+    # The official v1 code returns loss_a + loss_b (each a mean over B anchors), twice the mean
+    # over the 2B anchors that nt_xent gives; with LARS the scale sets the weight-decay balance.
+    loss = 2.0 * losses.nt_xent(z1, z2, a.temperature)
     metrics = {"nt_xent": loss, "features": jax.lax.stop_gradient(out["h"][:b])}
     return loss, ({"batch_stats": stats}, metrics)
 

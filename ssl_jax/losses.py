@@ -1,0 +1,182 @@
+"""Self-supervised losses shared by the methods: pure functions of arrays.
+
+Every loss is written over the *global* batch. Under `jax.jit` with the inputs sharded over the
+"data" mesh axis, XLA inserts the all-gathers that the official pmap code wrote by hand, so the
+negatives of a contrastive loss are the whole global batch without any collective in this file.
+All losses compute in float32 whatever the input dtype (bf16 logits divided by a small τ lose
+too much precision in the softmax).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Official DetCon/SimCLR mask value: large enough that exp(logit - 1e9) is exactly 0 in float32,
+# small enough that a fully masked row keeps a finite logsumexp (no NaN gradients).
+_INFINITY_PROXY = 1e9
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, epsilon: float = 1e-12) -> jax.Array:
+  """`x * rsqrt(max(sum(x²), ε))` along `axis` (the official BYOL/DetCon form).
+
+  Args:
+    x: [..., D] float.
+    axis: the feature axis.
+    epsilon: floor on the squared norm; a zero vector stays zero instead of becoming NaN.
+
+  Returns:
+    x with unit L2 norm along `axis`, same shape and dtype.
+  """
+  sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sq, epsilon))
+
+
+def _normalized_f32(x: jax.Array) -> jax.Array:
+  return l2_normalize(x.astype(jnp.float32))
+
+
+def info_nce(q: jax.Array, k: jax.Array, temperature: float,
+             negatives: jax.Array | None = None) -> jax.Array:
+  """InfoNCE cross-entropy of queries against keys; q, k and negatives are L2-normalised here.
+
+  Two forms:
+    * `negatives is None` (MoCo v3): logits = q kᵀ / τ, [N, N], the positive of q_i is k_i
+      (labels = arange(N)); all other keys of the global batch are negatives. The official
+      MoCo v3 loss multiplies this value by 2τ; that factor is the caller's (methods/moco.py).
+    * `negatives` given (MoCo v2 queue): logits_i = [q_i·k_i, q_i·negatives_jᵀ] / τ, [N, 1+M],
+      label 0.
+
+  Loss = mean_i [ −log softmax(logits_i)[label_i] ].
+
+  Args:
+    q: [N, D] float queries (online branch).
+    k: [N, D] float keys (momentum branch; the caller applies stop_gradient).
+    temperature: τ > 0.
+    negatives: optional [M, D] float queue of keys (not sharded; replicated).
+
+  Returns:
+    Scalar float32. N is the global batch axis (sharded over "data").
+  """
+  q, k = _normalized_f32(q), _normalized_f32(k)
+  if negatives is None:
+    logits = q @ k.T / temperature
+    positive = jnp.diagonal(logits)
+  else:
+    positive = jnp.sum(q * k, axis=-1, keepdims=True) / temperature
+    logits = jnp.concatenate([positive, q @ _normalized_f32(negatives).T / temperature], axis=1)
+    positive = positive[:, 0]
+  return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - positive)
+
+
+def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float) -> jax.Array:
+  """SimCLR v1 NT-Xent (normalised temperature-scaled cross entropy), symmetric.
+
+  For anchor z1_i the candidates are [z2_j for all j] ∪ [z1_j for j ≠ i] (2N − 2 negatives); the
+  anchor itself is removed by subtracting 1e9 from its logit, as the official code does. Same for
+  anchors z2_i. Loss = 1/(2N) Σ_anchors −log softmax(sim/τ)[positive] (the paper's Eq. 1 average).
+  The official v1 code returns loss_a + loss_b (each a mean over N), i.e. twice this value.
+
+  Args:
+    z1: [N, D] float projections of view 1.
+    z2: [N, D] float projections of view 2 (row i is the positive of z1 row i).
+    temperature: τ > 0.
+
+  Returns:
+    Scalar float32. N is the global batch axis (sharded over "data").
+  """
+  z1, z2 = _normalized_f32(z1), _normalized_f32(z2)
+  self_mask = _INFINITY_PROXY * jnp.eye(z1.shape[0], dtype=jnp.float32)
+
+  def one_direction(a, b):
+    logits_ab = a @ b.T / temperature
+    logits_aa = a @ a.T / temperature - self_mask
+    lse = jnp.logaddexp(jax.nn.logsumexp(logits_ab, axis=-1),
+                        jax.nn.logsumexp(logits_aa, axis=-1))
+    return jnp.mean(lse - jnp.diagonal(logits_ab))
+
+  return 0.5 * (one_direction(z1, z2) + one_direction(z2, z1))
+
+
+def byol_loss(p: jax.Array, z: jax.Array) -> jax.Array:
+  """BYOL regression loss: mean_i ‖p̄_i − z̄_i‖² = mean_i (2 − 2·cos(p_i, z_i)).
+
+  `z` is NOT stop-gradiented here: the caller passes the target network's projection (which
+  carries no gradient to the online parameters) so this function stays a plain formula.
+
+  Args:
+    p: [N, D] float online predictions.
+    z: [N, D] float target projections.
+
+  Returns:
+    Scalar float32, mean over the global batch axis N.
+  """
+  cos = jnp.sum(_normalized_f32(p) * _normalized_f32(z), axis=-1)
+  return jnp.mean(2.0 - 2.0 * cos)
+
+
+def detcon_loss(pred1: jax.Array, pred2: jax.Array, target1: jax.Array, target2: jax.Array,
+                pind1: jax.Array, pind2: jax.Array, tind1: jax.Array, tind2: jax.Array,
+                temperature: float = 0.1) -> jax.Array:
+  """DetCon contrastive loss over mask ROIs (paper Eq. 2–3; official `byol_nce_detcon`).
+
+  Flatten the B·R ROIs of each view. For prediction ROI (b, r) of view 1 the logits are
+
+      [pred1_br · target2_uvᵀ for all u, v ;  pred1_br · target1_uvᵀ for all u, v] / τ
+
+  over the global batch (2·B·R entries). In the same-view block the entries with u = b and
+  tind1_uv = pind1_br (the ROI itself and duplicates drawn by sampling with replacement) get
+  −1e9 and are never positives. Positives are the other view's ROIs of the same image with the
+  same id, with labels uniform over them. Each ROI has weight 1/#{r' : pind1_br' = pind1_br}
+  (its id's share of the view's samples), and 0 when it has no positive. loss_a is the mean over
+  all B×R ROIs of weight · cross-entropy; loss_b swaps the views; the loss is loss_a + loss_b.
+
+  Extension (no effect on the official inputs, whose ids are ≥ 0): a negative id marks an empty
+  ROI (no id present, see `ops.mask_pooling.sample_mask_ids`): it has weight 0, is never a
+  positive, and as a target it is removed from every row (−1e9) instead of acting as a negative.
+
+  Args:
+    pred1, pred2: [B, R, D] float online predictions of views 1 and 2.
+    target1, target2: [B, R, D] float target projections (caller applies stop_gradient).
+    pind1, pind2: [B, R] int mask ids of the prediction ROIs.
+    tind1, tind2: [B, R] int mask ids of the target ROIs (equal to pind* in DetCon).
+    temperature: τ (0.1 in DetCon).
+
+  Returns:
+    Scalar float32. B is the global batch axis (sharded over "data"); the largest intermediate
+    is [B·R, B·R] per logit block.
+  """
+  b, r, d = pred1.shape
+  n = b * r
+  image = jnp.repeat(jnp.arange(b), r)
+  same_image = image[:, None] == image[None, :]  # [n, n]
+
+  def flat(x):
+    return _normalized_f32(x.reshape(n, d))
+
+  def flat_ids(ind):
+    return ind.reshape(n).astype(jnp.int32)
+
+  def one_side(pred, pind, t_other, tind_other, t_same, tind_same):
+    pred, pind = flat(pred), flat_ids(pind)
+    tind_other, tind_same = flat_ids(tind_other), flat_ids(tind_same)
+    logits_other = pred @ flat(t_other).T / temperature   # [n, n]
+    logits_same = pred @ flat(t_same).T / temperature     # [n, n]
+    valid = pind >= 0
+    positive = same_image & (pind[:, None] == tind_other[None, :]) & valid[:, None]
+    same_obj = same_image & (pind[:, None] == tind_same[None, :])
+    logits_other = logits_other - _INFINITY_PROXY * (tind_other < 0)[None, :]
+    logits_same = logits_same - _INFINITY_PROXY * (same_obj | (tind_same < 0)[None, :])
+    lse = jnp.logaddexp(jax.nn.logsumexp(logits_other, axis=-1),
+                        jax.nn.logsumexp(logits_same, axis=-1))
+    num_positives = jnp.sum(positive, axis=-1)
+    # Cross-entropy with labels uniform over the positives: lse − mean of the positive logits.
+    positive_mean = (jnp.sum(jnp.where(positive, logits_other, 0.0), axis=-1)
+                     / jnp.maximum(num_positives, 1))
+    ids = pind.reshape(b, r)
+    area = jnp.sum(ids[:, :, None] == ids[:, None, :], axis=-1).reshape(n)
+    weight = (num_positives > 0) / area
+    return jnp.mean(weight * (lse - positive_mean))
+
+  loss_a = one_side(pred1, pind1, target2, tind2, target1, tind1)
+  loss_b = one_side(pred2, pind2, target1, tind1, target2, tind2)
+  return loss_a + loss_b

@@ -24,11 +24,11 @@ def get_method(name: str) -> types.ModuleType:
   return importlib.import_module(METHODS[name])
 
 
-def get_backbone(name: str, **kwargs):
+def get_backbone(name: str, /, **kwargs):
   from ssl_jax import models  # pylint: disable=import-outside-toplevel
   return models.get_backbone(name, **kwargs)
 
 
-def get_source(name: str, **kwargs):
+def get_source(name: str, /, **kwargs):
   from ssl_jax.data import sources  # pylint: disable=import-outside-toplevel
   return sources.make_source(name, **kwargs)

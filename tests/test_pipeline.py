@@ -49,7 +49,7 @@ def test_processes_read_disjoint_shards():
   for p in range(2):
     it = iter(_dataset(source, process_index=p, process_count=2))
     ids = set()
-    for b in _take(it, 2):  # one epoch of this process's 8 records
+    for b in _take(it, 4):  # one epoch of this process's 8 records, local batches of 4 // 2
       ids |= {int(x) for x in np.asarray(b["label"])}
     labels.append(ids)
   # BlockSource labels are i % 4: process 0 holds even indices (labels 0, 2), process 1 odd.

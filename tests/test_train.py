@@ -25,7 +25,9 @@ def _config(name, **train_overrides):
 
 @functools.lru_cache(maxsize=None)
 def _fixed_batch(name):
-  setup = train.build(_config(name), source=BlockSource())
+  # One device: per-method fitting is about the method; sharding has its own test below.
+  setup = train.build(_config(name, total_steps=100), mesh=parallel.make_mesh(jax.devices()[:1]),
+                      source=BlockSource())
   return setup, next(train.make_data_iterator(setup))
 
 
@@ -35,14 +37,20 @@ def test_method_loss_decreases_on_fixed_batch(name):
   setup, local = _fixed_batch(name)
   batch = train.device_batch(local, setup.mesh)
   ts = setup.init_state(batch)
+  queue = ts["state"].get("queue")
   losses = []
-  for _ in range(12):
+  for _ in range(16):
+    if queue is not None:
+      # MoCo v2: on a fixed batch the queue fills with keys of these very images (negatives
+      # that are copies of the positives), so the loss rises by construction; fitting is
+      # checked against the fixed initial queue.
+      ts["state"]["queue"] = queue.copy()
     ts, metrics = setup.train_step(ts, batch)
     assert bool(metrics["finite"]), name
     losses.append(float(metrics["loss"]))
   assert np.all(np.isfinite(losses))
-  assert np.mean(losses[-3:]) < np.mean(losses[:3]), (name, losses)
-  assert int(ts["step"]) == 12
+  assert np.mean(losses[-4:]) < np.mean(losses[:4]), (name, losses)
+  assert int(ts["step"]) == 16
   feats = setup.method.encode(ts["params"], ts["state"], np.asarray(local["image"][:, 0]))
   assert feats.ndim == 2 and feats.shape[0] == local["image"].shape[0]
 

@@ -1,0 +1,84 @@
+"""Export a trained backbone as torchvision/timm weights.
+
+  python -m ssl_jax.export --workdir=W [--step=N] [--part=encoder] --out=resnet50.safetensors
+
+writes a safetensors file (no pickle) whose tensors load with
+`torchvision.models.resnet50()` (after `m.fc = torch.nn.Identity()`) or
+`timm.create_model("vit_small_patch16_224", num_classes=0)` and `load_state_dict(..., strict=True)`,
+with metadata strings (arch, source workdir, step). `--format=pt` writes a torch.save file instead
+(needs torch).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping, Optional
+
+from absl import app, flags
+
+from ssl_jax.export import torch as torch_export
+
+FORMATS = ("safetensors", "pt")
+
+
+def export(variables: Mapping, arch: Any, out_path: str, metadata: Optional[Mapping] = None,
+           fmt: str = "safetensors", classifier: Optional[Mapping] = None) -> dict:
+  """Writes the torch state dict of `variables` to `out_path`; returns the state dict.
+
+  Args:
+    variables: backbone variables {"params", "batch_stats"?}.
+    arch: backbone name or `config.model` mapping (see `torch_export.parse_arch`).
+    out_path: the file to write; its directory is created.
+    metadata: extra {str: str} stored in the safetensors header (ignored for "pt").
+    fmt: "safetensors" or "pt".
+    classifier: optional LinearClassifier variables, exported as fc.* / head.*.
+  """
+  if fmt not in FORMATS:
+    raise ValueError(f"format={fmt!r} must be one of {FORMATS}")
+  state_dict = torch_export.to_torch_state_dict(variables, arch, classifier=classifier)
+  name, fields = torch_export.parse_arch(arch)
+  header = {"format": "pt", "arch": name, "arch_fields": json.dumps(fields, sort_keys=True,
+                                                                    default=str)}
+  header.update({str(k): str(v) for k, v in (metadata or {}).items()})
+  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+  if fmt == "safetensors":
+    from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+    save_file(state_dict, out_path, metadata=header)
+  else:
+    import torch  # pylint: disable=import-outside-toplevel
+    torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, out_path)
+  return state_dict
+
+
+def load_from_workdir(workdir: str, step: Optional[int], part: str) -> tuple[Mapping, Any, int]:
+  """(variables, arch, step) of a training run: the backbone of `part` at `step` (None: latest)
+  and the run's `config.model`. Checkpoint reading lives in `ssl_jax.checkpoint`."""
+  from ssl_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  with open(os.path.join(workdir, "config.json")) as f:
+    arch = json.load(f)["model"]
+  step, variables = checkpoint.load_variables(workdir, step, part)
+  return variables, arch, step
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/).")
+flags.DEFINE_integer("step", None, "Checkpoint step; default the latest.")
+flags.DEFINE_string("part", "encoder", "Which network of the method to export.")
+flags.DEFINE_string("out", None, "Output file; default <workdir>/export/<arch>_<step>.<format>.")
+flags.DEFINE_enum("format", "safetensors", list(FORMATS), "safetensors (no pickle) or pt.")
+
+
+def main(argv) -> None:
+  del argv
+  if not FLAGS.workdir:
+    raise app.UsageError("--workdir is required")
+  variables, arch, step = load_from_workdir(FLAGS.workdir, FLAGS.step, FLAGS.part)
+  name, _ = torch_export.parse_arch(arch)
+  out = FLAGS.out or os.path.join(FLAGS.workdir, "export", f"{name}_{step}.{FLAGS.format}")
+  state_dict = export(variables, arch, out, fmt=FLAGS.format,
+                      metadata={"workdir": FLAGS.workdir, "step": step, "part": FLAGS.part})
+  print(f"wrote {len(state_dict)} tensors of {name} (step {step}) to {out}")
+
+
+if __name__ == "__main__":
+  app.run(main)

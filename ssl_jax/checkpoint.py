@@ -96,3 +96,31 @@ class PreemptionFlag:
 
   def is_set(self) -> bool:
     return self._event.is_set()
+
+
+def backbone_variables(state: Any, part: str = "online") -> dict:
+  """Backbone variables {"params", "batch_stats"?} of a saved train state.
+
+  Every method keeps its backbone under the key "backbone" of its params (online network) and of
+  `state["target"]["params"]` (EMA/momentum network, BYOL/MoCo/DetCon-B); `part` picks which.
+  """
+  if part == "online":
+    params, stats = state["params"], state["state"].get("batch_stats", {})
+  elif part == "target":
+    if "target" not in state["state"]:
+      raise ValueError("--part=target: this method has no target (EMA) network; use "
+                       "--part=online")
+    params = state["state"]["target"]["params"]
+    stats = state["state"]["target"].get("batch_stats", {})
+  else:
+    raise ValueError(f"part={part!r} must be 'online' or 'target'")
+  variables = {"params": params["backbone"]}
+  if stats and "backbone" in stats:
+    variables["batch_stats"] = stats["backbone"]
+  return variables
+
+
+def load_variables(workdir: str, step: int | None = None, part: str = "online") -> tuple[int, dict]:
+  """(step, backbone variables) of a training workdir's checkpoint, as host numpy arrays."""
+  step, state = load_state(workdir, step)
+  return step, backbone_variables(state, part)

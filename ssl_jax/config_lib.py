@@ -189,6 +189,11 @@ def apply_size_variant(config: ConfigDict, args: dict[str, Any], vit: bool = Fal
   config.train.progress_bar = demo
   config.optim.warmup_epochs = 5.0 if demo else 0.0
   config.optim.warmup_steps = 0
+  heads = {"projector_hidden": 256 if demo else 64, "predictor_hidden": 256 if demo else 64,
+           "projector_dim": 64 if demo else 32}
+  for key, value in heads.items():
+    if key in config.method_args:
+      config.method_args[key] = value
   if demo:
     config.eval.knn = knn_eval(
         "builtin_photos", every_steps=100000,
@@ -244,7 +249,4 @@ def detcon_config(method: str, args: dict[str, Any]) -> ConfigDict:
                                        "crop_size": 96 if demo else 48})})
     c.data.max_segments = 16
     c.method_args.num_samples = 8 if demo else 4
-    c.method_args.projector_hidden = 256 if demo else 64
-    c.method_args.predictor_hidden = 256 if demo else 64
-    c.method_args.projector_dim = 64 if demo else 32
   return c

@@ -39,10 +39,12 @@ def _heads(config):
   a, dtype = config.method_args, base.compute_dtype(config)
   if config.method == "mocov2":
     return MLP(a.projector_hidden, a.projector_dim, num_layers=2, norm="none", dtype=dtype), None
+  # Official `_build_mlp`: Linear layers without bias (each is followed by BN), the projector
+  # ends with a BN without affine, the predictor with no BN (`last_bn=False`).
   projector = MLP(a.projector_hidden, a.projector_dim, num_layers=3, norm="bn",
-                  last_norm="bn_noaffine", dtype=dtype)
-  # The official predictor has no last BN (`_build_mlp(2, ..., last_bn=False)`).
-  predictor = MLP(a.predictor_hidden, a.projector_dim, num_layers=2, norm="bn", dtype=dtype)
+                  last_norm="bn_noaffine", use_bias=False, dtype=dtype)
+  predictor = MLP(a.predictor_hidden, a.projector_dim, num_layers=2, norm="bn", use_bias=False,
+                  dtype=dtype)
   return projector, predictor
 
 

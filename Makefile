@@ -6,7 +6,9 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= workdirs/demo
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test install data bench clean-demo
+.PHONY: demo test test-export install data bench
+EXPORT_VENV ?= .venv-export
+EXPORT_STAMP := $(EXPORT_VENV)/.installed
 
 $(STAMP): setup.py requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,3 +33,14 @@ test: $(STAMP) data
 
 bench: $(STAMP)
 	for b in bench/*.py; do $(PY) $$b || exit 1; done
+
+# PyTorch export checked against real torchvision/timm: torchvision 0.29.1 needs torch 2.14.1 (a
+# ~5.5 GB CUDA build on x86_64), so it lives in its own venv beside the main one.
+$(EXPORT_STAMP): setup.py requirements.txt requirements-export.txt
+	test -x $(EXPORT_VENV)/bin/python || $(PYTHON) -m venv $(EXPORT_VENV)
+	$(EXPORT_VENV)/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-export.txt
+	$(EXPORT_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
+	touch $(EXPORT_STAMP)
+
+test-export: $(EXPORT_STAMP)
+	SSL_JAX_REQUIRE_TORCH=1 $(EXPORT_VENV)/bin/python -m pytest -q tests/test_export.py

@@ -290,7 +290,78 @@ class _KnnEvaluator:
     return {f"{self.name}/{k}": float(v) for k, v in acc.items()}
 
 
-EVALUATORS = {"knn": _KnnEvaluator}
+class _LinearEvaluator(_KnnEvaluator):
+  """Feature-level linear probe (`ssl_jax.evaluate.linear.fit_linear_probe`) on frozen features.
+
+  Settings beside the kNN section's (source, train_args, test_args, image_size, batch_size,
+  max_train): epochs (30), probe_batch_size (256), lr (0.1), weight_decay (0), optimizer
+  ("sgd"), normalize ("bn_noaffine"). Reports `<name>/top1`, `<name>/top5`.
+  """
+
+  def _fit_kwargs(self) -> dict:
+    c = self.cfg
+    return dict(epochs=c.get("epochs", 30), batch_size=c.get("probe_batch_size", 256),
+                lr=c.get("lr", 0.1), weight_decay=c.get("weight_decay", 0.0),
+                optimizer=c.get("optimizer", "sgd"), normalize=c.get("normalize", "bn_noaffine"))
+
+  def run(self, ts) -> dict:
+    from ssl_jax.evaluate import linear  # pylint: disable=import-outside-toplevel
+    x_train, y_train = self._features(ts, self.train, self.cfg.max_train)
+    x_test, y_test = self._features(ts, self.test, 0)
+    num_classes = self.num_classes or int(max(y_train.max(), y_test.max()) + 1)
+    probe = linear.fit_linear_probe(x_train, y_train, num_classes,
+                                    rng=jax.random.PRNGKey(self.cfg.get("seed", 0)),
+                                    **self._fit_kwargs())
+    acc = linear.evaluate_linear_probe(probe, x_test, y_test)
+    return {f"{self.name}/{k}": float(v) for k, v in acc.items()}
+
+
+class _MultilayerEvaluator(_LinearEvaluator):
+  """One linear probe per ResNet stage conv1…conv5 (MaskCo Table 7): `<name>/<layer>/top1`.
+
+  `pool_sizes` ({layer: s}, default global average pool) sets each stage's s×s adaptive pool
+  (`ssl_jax.evaluate.linear.RESNET50_POOL_SIZES` for the paper's ~9k-dim features).
+  """
+
+  def __init__(self, name: str, cfg, config, setup: Setup):
+    super().__init__(name, cfg, config, setup)
+    from ssl_jax.evaluate import linear  # pylint: disable=import-outside-toplevel
+    from ssl_jax.methods import base  # pylint: disable=import-outside-toplevel
+    method = setup.method
+    pool_sizes = dict(cfg.get("pool_sizes", None) or {})
+    self._encode = jax.jit(lambda params, state, images: linear.multilayer_features(
+        method.backbone.apply(method.encoder(params, state), base.normalized(images),
+                              train=False), pool_sizes))
+
+  def _features(self, ts, source, limit):
+    feats, labels = [], []
+    for batch in pipeline.eval_batches(source, image_size=self.image_size,
+                                       batch_size=self.cfg.batch_size, limit=limit):
+      images = batch["image"]
+      n = images.shape[0]
+      if n < self.cfg.batch_size:  # pad to one compiled shape
+        pad = np.zeros((self.cfg.batch_size - n,) + images.shape[1:], images.dtype)
+        images = np.concatenate([images, pad])
+      out = jax.device_get(self._encode(ts["params"], ts["state"], images))
+      feats.append({k: np.asarray(v)[:n] for k, v in out.items()})
+      labels.append(batch["label"])
+    return ({k: np.concatenate([f[k] for f in feats]) for k in feats[0]},
+            np.concatenate(labels))
+
+  def run(self, ts) -> dict:
+    from ssl_jax.evaluate import linear  # pylint: disable=import-outside-toplevel
+    x_train, y_train = self._features(ts, self.train, self.cfg.max_train)
+    x_test, y_test = self._features(ts, self.test, 0)
+    num_classes = self.num_classes or int(max(y_train.max(), y_test.max()) + 1)
+    per_layer = {k: (x_train[k], x_test[k]) for k in x_train}
+    acc = linear.multilayer_probe(per_layer, y_train, y_test, num_classes,
+                                  rng=jax.random.PRNGKey(self.cfg.get("seed", 0)),
+                                  **self._fit_kwargs())
+    return {f"{self.name}/{layer}/top1": float(v) for layer, v in acc.items()}
+
+
+EVALUATORS = {"knn": _KnnEvaluator, "linear": _LinearEvaluator,
+              "multilayer": _MultilayerEvaluator}
 
 
 def _make_evaluators(config, setup: Setup) -> list:

@@ -7,7 +7,9 @@ The torch comparisons need the export-verification environment (requirements-exp
 In the main environment they are skipped.
 """
 import functools
+import importlib
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,13 @@ from ssl_jax import models
 from ssl_jax.export import torch as torch_export
 from ssl_jax.export.__main__ import export
 from ssl_jax.models import heads
+
+def _need(module: str):
+  """The module, or a skip with the reason; under `make test-export` (CI) missing is a failure."""
+  if os.environ.get("SSL_JAX_REQUIRE_TORCH") == "1":
+    return importlib.import_module(module)
+  return pytest.importorskip(module, reason=f"{module} lives in .venv-export (make test-export)")
+
 
 KEY = jax.random.key(0, impl="rbg")  # rbg: much cheaper to compile on CPU than threefry
 
@@ -190,7 +199,7 @@ def _randomised(variables, seed):
 
 @pytest.mark.parametrize("arch,size", [("resnet18", 64), ("resnet50", 64), ("vit_small", 224)])
 def test_matches_torchvision_and_timm(arch, size):
-  torch = pytest.importorskip("torch", reason="export check needs the .venv-export environment")
+  torch = _need("torch")
   model = models.get_backbone(arch)
   x = np.random.default_rng(0).normal(size=(2, size, size, 3)).astype(np.float32)
   variables = jax.jit(functools.partial(model.init, train=False))(KEY, jnp.asarray(x))
@@ -198,11 +207,11 @@ def test_matches_torchvision_and_timm(arch, size):
   ours = np.asarray(jax.jit(functools.partial(model.apply, train=False))(variables, x)["pooled"])
   sd = torch_export.to_torch_state_dict(variables, arch)
   if arch.startswith("resnet"):
-    torchvision = pytest.importorskip("torchvision", reason="needs .venv-export")
+    torchvision = _need("torchvision")
     net = getattr(torchvision.models, arch)()
     net.fc = torch.nn.Identity()
   else:
-    timm = pytest.importorskip("timm", reason="needs .venv-export")
+    timm = _need("timm")
     net = timm.create_model("vit_small_patch16_224", num_classes=0, pretrained=False)
   net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=True)
   net.eval()
@@ -217,8 +226,8 @@ def test_matches_torchvision_and_timm(arch, size):
 
 
 def test_classifier_export_loads_into_stock_resnet18():
-  torch = pytest.importorskip("torch", reason="export check needs the .venv-export environment")
-  torchvision = pytest.importorskip("torchvision", reason="needs .venv-export")
+  torch = _need("torch")
+  torchvision = _need("torchvision")
   variables = _random_variables("resnet18")
   clf = heads.LinearClassifier(num_classes=1000)
   clf_vars = clf.init(KEY, jnp.zeros((1, 512)), train=False)

@@ -162,3 +162,23 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
   manager.close()
   _, state = checkpoint.load_state(workdir)
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
+
+
+def test_export_from_a_training_workdir(tmp_path):
+  """`python -m ssl_jax.export` path: a workdir's checkpoint -> safetensors -> same variables."""
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  from ssl_jax.export import __main__ as export_cli  # pylint: disable=import-outside-toplevel
+  from ssl_jax.export import torch as torch_export  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path / "run")
+  result = train.run(_config("byol", total_steps=2, checkpoint_every_steps=2), workdir,
+                     source=BlockSource())
+  for part, tree in (("online", result["state"]["params"]["backbone"]),
+                     ("target", result["state"]["state"]["target"]["params"]["backbone"])):
+    variables, arch, step = export_cli.load_from_workdir(workdir, None, part)
+    assert step == 2 and arch["name"] == "resnet18"
+    out = str(tmp_path / f"{part}.safetensors")
+    export_cli.export(variables, arch, out, metadata=export_cli.run_metadata(workdir))
+    back = torch_export.from_torch_state_dict(load_file(out), arch)
+    jax.tree.map(np.testing.assert_array_equal, back["params"], jax.device_get(tree))
+  with pytest.raises(ValueError, match="no target"):
+    checkpoint.backbone_variables({"params": {}, "state": {}}, "target")

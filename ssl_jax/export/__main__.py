@@ -1,15 +1,16 @@
 """Export a trained backbone as torchvision/timm weights.
 
-  python -m ssl_jax.export --workdir=W [--step=N] [--part=encoder] --out=resnet50.safetensors
+  python -m ssl_jax.export --workdir=W [--step=N] [--part=online|target] --out=resnet50.safetensors
 
 writes a safetensors file (no pickle) whose tensors load with
 `torchvision.models.resnet50()` (after `m.fc = torch.nn.Identity()`) or
 `timm.create_model("vit_small_patch16_224", num_classes=0)` and `load_state_dict(..., strict=True)`,
-with metadata strings (arch, source workdir, step). `--format=pt` writes a torch.save file instead
+with metadata strings (arch, method, step, part, sha256 of the run's config.json). `--format=pt` writes a torch.save file instead
 (needs torch).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any, Mapping, Optional
@@ -60,10 +61,20 @@ def load_from_workdir(workdir: str, step: Optional[int], part: str) -> tuple[Map
   return variables, arch, step
 
 
+def run_metadata(workdir: str) -> dict:
+  """Method name and a hash of the run's config.json, so an export names what produced it."""
+  with open(os.path.join(workdir, "config.json"), "rb") as f:
+    raw = f.read()
+  return {"method": json.loads(raw).get("method", ""),
+          "config_sha256": hashlib.sha256(raw).hexdigest()}
+
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/).")
 flags.DEFINE_integer("step", None, "Checkpoint step; default the latest.")
-flags.DEFINE_string("part", "encoder", "Which network of the method to export.")
+flags.DEFINE_enum("part", "online", ["online", "target"],
+                  "online: the trained network; target: the EMA/momentum network (BYOL, MoCo, "
+                  "DetCon-B).")
 flags.DEFINE_string("out", None, "Output file; default <workdir>/export/<arch>_<step>.<format>.")
 flags.DEFINE_enum("format", "safetensors", list(FORMATS), "safetensors (no pickle) or pt.")
 
@@ -76,7 +87,8 @@ def main(argv) -> None:
   name, _ = torch_export.parse_arch(arch)
   out = FLAGS.out or os.path.join(FLAGS.workdir, "export", f"{name}_{step}.{FLAGS.format}")
   state_dict = export(variables, arch, out, fmt=FLAGS.format,
-                      metadata={"workdir": FLAGS.workdir, "step": step, "part": FLAGS.part})
+                      metadata={"workdir": FLAGS.workdir, "step": step, "part": FLAGS.part,
+                                **run_metadata(FLAGS.workdir)})
   print(f"wrote {len(state_dict)} tensors of {name} (step {step}) to {out}")
 
 

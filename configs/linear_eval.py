@@ -58,7 +58,6 @@ def get_config(arg=None):
   c.eval = ConfigDict({"batch_size": 256, "every_epochs": 10, "limit": 0})
 
   if args.get("vit") or args.get("mae"):
-    c.head.features = "cls"
     c.train.num_epochs = 90.0
     if args.get("mae"):
       c.optim.update({"name": "lars", "base_lr": 0.1, "lr_rule": "linear", "warmup_epochs": 10.0})

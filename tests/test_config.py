@@ -64,3 +64,10 @@ def test_detcon_without_masks_is_rejected():
     config.data.masks = None
   with pytest.raises(ValueError, match="config.data.masks=None: DetCon needs"):
     config_lib.validate(config, num_devices=8)
+
+
+def test_detcon_without_precomputed_masks_gives_the_command():
+  from ssl_jax import registry  # pylint: disable=import-outside-toplevel
+  config = load_config("detcon_b", None)
+  with pytest.raises(ValueError, match=r"python -m ssl_jax.data.fh_masks --source=tfds"):
+    registry.get_source(config.data.source, **config.data.source_args.to_dict())

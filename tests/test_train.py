@@ -182,3 +182,35 @@ def test_export_from_a_training_workdir(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, back["params"], jax.device_get(tree))
   with pytest.raises(ValueError, match="no target"):
     checkpoint.backbone_variables({"params": {}, "state": {}}, "target")
+
+
+def test_sigterm_saves_before_exit(tmp_path):
+  """Preemption: SIGTERM to `python -m ssl_jax.main` saves the current step and exits cleanly."""
+  import signal  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  from tests.helpers import ROOT  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path / "sigterm"
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".cache", "jax"))
+  cmd = [sys.executable, "-m", "ssl_jax.main", "--config=configs/byol.py:test",
+         f"--workdir={workdir}", "--config.train.total_steps=100000",
+         "--config.train.checkpoint_every_steps=100000", "--config.train.log_every_steps=1"]
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and any('"loss"' in line for line in metrics.read_text().splitlines()):
+      break
+    time.sleep(0.5)
+  assert proc.poll() is None, proc.stderr.read()[-3000:]
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  assert "SIGTERM received" in err
+  logged = max(m["step"] for m in read_metrics(str(workdir)) if "loss" in m)
+  manager = checkpoint.make_manager(str(workdir), keep=3, async_save=False)
+  saved = manager.latest_step()
+  manager.close()
+  assert saved is not None and saved >= logged >= 1

@@ -479,8 +479,14 @@ class FHMaskDataset(_Source):
                cache_dir: Optional[str] = None, max_side: int = 0):
     if not path:
       if not precompute_from:
-        raise ValueError("FHMaskDataset needs path= (an `ssl_jax.data.fh_masks` output folder) "
-                         "or precompute_from= (a source name to compute masks for)")
+        raise ValueError(
+            "config.data.source_args.path is empty: DetCon reads images with precomputed FH "
+            "masks. Compute them once (resumable, parallel), e.g. for ImageNet:\n"
+            f"  python -m ssl_jax.data.fh_masks --source=tfds "
+            f"--source_args=name=imagenet2012,split=train --out=$DATA/imagenet_fh "
+            f"--scales={scale:g} --min_sizes={min_size} --processes=$(nproc)\n"
+            "then pass --config.data.source_args.path=$DATA/imagenet_fh (or set "
+            "source_args.precompute_from=<source name> to compute them into a cache on first use)")
       path = self._ensure_cache(precompute_from, dict(precompute_args or {}), scale, min_size,
                                 max_side, cache_dir or default_cache_dir())
     self.path = path

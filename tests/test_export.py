@@ -234,3 +234,24 @@ def test_classifier_export_loads_into_stock_resnet18():
   sd = torch_export.to_torch_state_dict(variables, "resnet18", classifier=clf_vars)
   net = torchvision.models.resnet18()
   net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=True)
+
+
+def test_import_backbone_from_nested_files(tmp_path):
+  """A MoCo-style checkpoint {"state_dict": {"module.base_encoder.<key>": ...}} imports."""
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  variables = _random_variables("resnet18")
+  sd = torch_export.to_torch_state_dict(variables, "resnet18")
+  flat = str(tmp_path / "r18.safetensors")
+  save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, flat)
+  _assert_trees_equal(torch_export.import_backbone(flat, "resnet18"),
+                      jax.tree.map(np.asarray, variables))
+  torch = _need("torch")
+  nested = str(tmp_path / "moco.pth.tar")
+  torch.save({"epoch": 3, "state_dict": {f"module.base_encoder.{k}": torch.from_numpy(np.array(v))
+                                         for k, v in sd.items()}}, nested)
+  _assert_trees_equal(torch_export.import_backbone(nested, "resnet18"),
+                      jax.tree.map(np.asarray, variables))
+  bad = str(tmp_path / "bad.pth")
+  torch.save({"epoch": 3, "optimizer": {"lr": 0.1}}, bad)
+  with pytest.raises(ValueError, match="none of"):
+    torch_export.load_torch_file(bad)

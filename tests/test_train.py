@@ -180,6 +180,9 @@ def test_export_from_a_training_workdir(tmp_path):
     export_cli.export(variables, arch, out, metadata=export_cli.run_metadata(workdir))
     back = torch_export.from_torch_state_dict(load_file(out), arch)
     jax.tree.map(np.testing.assert_array_equal, back["params"], jax.device_get(tree))
+  heads = str(tmp_path / "heads.safetensors")
+  assert export_cli.export_heads(workdir, None, heads) > 0
+  assert {k.split(".")[0] for k in load_file(heads)} == {"projector", "predictor"}
   with pytest.raises(ValueError, match="no target"):
     checkpoint.backbone_variables({"params": {}, "state": {}}, "target")
 

@@ -76,6 +76,9 @@ flags.DEFINE_enum("part", "online", ["online", "target"],
                   "online: the trained network; target: the EMA/momentum network (BYOL, MoCo, "
                   "DetCon-B).")
 flags.DEFINE_string("out", None, "Output file; default <workdir>/export/<arch>_<step>.<format>.")
+flags.DEFINE_bool("with_heads", False,
+                  "Also write the method's heads (projector, predictor, ...: every online "
+                  "parameter outside the backbone) to <out>.heads.safetensors, keys joined by '.'.")
 flags.DEFINE_enum("format", "safetensors", list(FORMATS), "safetensors (no pickle) or pt.")
 
 
@@ -90,6 +93,24 @@ def main(argv) -> None:
                       metadata={"workdir": FLAGS.workdir, "step": step, "part": FLAGS.part,
                                 **run_metadata(FLAGS.workdir)})
   print(f"wrote {len(state_dict)} tensors of {name} (step {step}) to {out}")
+  if FLAGS.with_heads:
+    heads_out = os.path.splitext(out)[0] + ".heads.safetensors"
+    n = export_heads(FLAGS.workdir, FLAGS.step, heads_out)
+    print(f"wrote {n} head tensors to {heads_out}")
+
+
+def export_heads(workdir: str, step: Optional[int], out_path: str) -> int:
+  """Writes every online parameter outside the backbone (JAX layout, '.'-joined keys)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  from ssl_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  step, state = checkpoint.load_state(workdir, step)
+  heads = {k: v for k, v in state["params"].items() if k != "backbone"}
+  flat = {".".join(k): np.ascontiguousarray(v)
+          for k, v in traverse_util.flatten_dict(heads).items()}
+  save_file(flat, out_path, metadata={"step": str(step), **run_metadata(workdir)})
+  return len(flat)
 
 
 if __name__ == "__main__":

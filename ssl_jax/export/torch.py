@@ -284,3 +284,40 @@ def from_torch_state_dict(state_dict: Mapping, arch: Any, prefix_strip=None,
   if missing or unexpected or wrong:
     raise _mismatch_error(f"state dict for arch {name!r}", missing, unexpected, wrong)
   return variables
+
+
+# Where released checkpoints keep their weights: MoCo v3 / MoBY / DINO save {"state_dict": ...},
+# {"model": ...} or {"teacher": ...}; timm and torchvision save the dict itself.
+CHECKPOINT_KEYS = ("state_dict", "model", "teacher", "student", "module")
+
+
+def load_torch_file(path: str) -> dict:
+  """A state dict from a .safetensors file or a PyTorch checkpoint, without unrestricted pickle.
+
+  `.safetensors` is read with safetensors (no torch needed); anything else with
+  `torch.load(path, map_location="cpu", weights_only=True)` (tensors and plain containers only;
+  a file needing arbitrary pickle is refused by torch with an error naming the class). Nested
+  checkpoints ({"state_dict": {...}} and the like) are unwrapped.
+  """
+  if path.endswith(".safetensors"):
+    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+    return load_file(path)
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError(f"reading {path} needs torch (`pip install -e .[torch]`); "
+                      "or convert it to .safetensors") from e
+  obj = torch.load(path, map_location="cpu", weights_only=True)
+  while isinstance(obj, Mapping) and not any(hasattr(v, "shape") for v in obj.values()):
+    key = next((k for k in CHECKPOINT_KEYS if k in obj), None)
+    if key is None:
+      raise ValueError(f"{path}: no tensors at the top level and none of {CHECKPOINT_KEYS} "
+                       f"found; keys: {sorted(obj)[:20]}")
+    obj = obj[key]
+  return dict(obj)
+
+
+def import_backbone(path: str, arch: Any, prefix_strip=None, **arch_kwargs) -> dict:
+  """Backbone variables from a torchvision/timm/MoCo-style file (teachers, fine-tuning)."""
+  return from_torch_state_dict(load_torch_file(path), arch, prefix_strip=prefix_strip,
+                               **arch_kwargs)

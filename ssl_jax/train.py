@@ -12,10 +12,7 @@ the keys an uninterrupted run would; the data iterator state is checkpointed wit
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
-import time
 from typing import Any, Callable
 
 import jax

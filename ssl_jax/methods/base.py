@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ssl_jax import registry
+from ssl_jax import optim, registry
 from ssl_jax.data import augment
 from ssl_jax.data import views as views_lib
 
@@ -112,3 +112,33 @@ def backbone_variables(params: dict, batch_stats: dict | None) -> dict:
   if batch_stats and "backbone" in batch_stats:
     v["batch_stats"] = batch_stats["backbone"]
   return v
+
+
+# The target (EMA / momentum) network of BYOL, MoCo and DetCon-B: backbone + projector.
+TARGET_KEYS = ("backbone", "projector")
+
+
+def init_target(params: dict, batch_stats: dict) -> dict:
+  """The target network starts as a copy of the online backbone and projector."""
+  return {"params": select(params, TARGET_KEYS), "batch_stats": select(batch_stats, TARGET_KEYS)}
+
+
+def update_target(state: dict, params: dict, momentum) -> dict:
+  """ξ ← m·ξ + (1 − m)·θ on the target's params (its BN statistics come from its own passes)."""
+  target = dict(state["target"])
+  target["params"] = optim.ema_update(target["params"], select(params, TARGET_KEYS), momentum)
+  return {**state, "target": target}
+
+
+def eval_functions(net: nn.Module, encode_method) -> tuple[Callable, Callable]:
+  """`Method.encode` and `Method.encoder` for a network whose backbone is `net.backbone`, params
+  under "backbone" and batch-norm statistics in `state["batch_stats"]`."""
+
+  def encode(params, state, images):
+    return net.apply({"params": params, "batch_stats": state["batch_stats"]},
+                     normalized(images), method=encode_method)
+
+  def encoder(params, state):
+    return backbone_variables(params, state["batch_stats"])
+
+  return encode, encoder

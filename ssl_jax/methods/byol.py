@@ -32,13 +32,12 @@ def make(config) -> base.Method:
       backbone=base.make_backbone(config),
       projector=MLP(a.projector_hidden, a.projector_dim, num_layers=2, norm="bn", dtype=dtype),
       predictor=MLP(a.predictor_hidden, a.projector_dim, num_layers=2, norm="bn", dtype=dtype))
-  target_keys = ("backbone", "projector")
   total_steps = config.train.total_steps
 
   def init(rng, batch):
     variables = net.init({"params": rng}, base.dummy_images(batch), train=True)
     params, stats = variables["params"], variables.get("batch_stats", {})
-    target = {"params": base.select(params, target_keys), "batch_stats": base.select(stats, target_keys)}
+    target = base.init_target(params, stats)
     return params, {"batch_stats": stats, "target": target}
 
   def loss_and_aux(params, state, batch, rng, step):
@@ -64,16 +63,9 @@ def make(config) -> base.Method:
 
   def after_update(state, params, step):
     tau = optim.ema_momentum(step, total_steps, a.ema_base)
-    target = dict(state["target"])
-    target["params"] = optim.ema_update(target["params"], base.select(params, target_keys), tau)
-    return {**state, "target": target}
+    return base.update_target(state, params, tau)
 
-  def encode(params, state, images):
-    return net.apply({"params": params, "batch_stats": state["batch_stats"]},
-                     base.normalized(images), method=base.SiameseNet.encode)
-
-  def encoder(params, state):
-    return base.backbone_variables(params, state["batch_stats"])
+  encode, encoder = base.eval_functions(net, base.SiameseNet.encode)
 
   return base.Method(init=init, loss_and_aux=loss_and_aux, after_update=after_update,
                      encode=encode, encoder=encoder, backbone=net.backbone, num_views=2)

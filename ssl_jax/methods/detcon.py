@@ -36,9 +36,6 @@ from ssl_jax.methods import base
 from ssl_jax.models.heads import MLP
 from ssl_jax.ops import mask_pooling
 
-TARGET_KEYS = ("backbone", "projector")
-
-
 def validate(config) -> None:
   a = config.method_args
   if config.data.masks not in ("fh", "grid", "gt"):
@@ -112,8 +109,7 @@ def make(config) -> base.Method:
     params, stats = variables["params"], variables.get("batch_stats", {})
     state = {"batch_stats": stats}
     if variant_b:
-      state["target"] = {"params": base.select(params, TARGET_KEYS),
-                         "batch_stats": base.select(stats, TARGET_KEYS)}
+      state["target"] = base.init_target(params, stats)
     return params, state
 
   def sample_ids(rng, grids):
@@ -165,16 +161,9 @@ def make(config) -> base.Method:
     if not variant_b:
       return state
     tau = optim.ema_momentum(step, total_steps, a.ema_base)
-    target = dict(state["target"])
-    target["params"] = optim.ema_update(target["params"], base.select(params, TARGET_KEYS), tau)
-    return {**state, "target": target}
+    return base.update_target(state, params, tau)
 
-  def encode(params, state, images):
-    return net.apply({"params": params, "batch_stats": state["batch_stats"]},
-                     base.normalized(images), method=DetConNet.encode)
-
-  def encoder(params, state):
-    return base.backbone_variables(params, state["batch_stats"])
+  encode, encoder = base.eval_functions(net, DetConNet.encode)
 
   return base.Method(init=init, loss_and_aux=loss_and_aux, after_update=after_update,
                      encode=encode, encoder=encoder, backbone=net.backbone, num_views=2)

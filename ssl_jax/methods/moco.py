@@ -23,9 +23,6 @@ from ssl_jax import losses, optim
 from ssl_jax.methods import base
 from ssl_jax.models.heads import MLP
 
-TARGET_KEYS = ("backbone", "projector")
-
-
 def validate(config) -> None:
   a = config.method_args
   if a.temperature <= 0:
@@ -61,8 +58,7 @@ def make(config) -> base.Method:
     variables = net.init({"params": params_rng}, base.dummy_images(batch), train=True)
     params, stats = variables["params"], variables.get("batch_stats", {})
     state = {"batch_stats": stats,
-             "target": {"params": base.select(params, TARGET_KEYS),
-                        "batch_stats": base.select(stats, TARGET_KEYS)}}
+             "target": base.init_target(params, stats)}
     if not v3:  # random unit keys, as the official queue initialisation
       queue = jax.random.normal(queue_rng, (a.queue_size, a.projector_dim), jnp.float32)
       state["queue"] = losses.l2_normalize(queue)
@@ -104,16 +100,9 @@ def make(config) -> base.Method:
 
   def after_update(state, params, step):
     m = optim.ema_momentum(step, total_steps, a.momentum) if v3 else jnp.float32(a.momentum)
-    target = dict(state["target"])
-    target["params"] = optim.ema_update(target["params"], base.select(params, TARGET_KEYS), m)
-    return {**state, "target": target}
+    return base.update_target(state, params, m)
 
-  def encode(params, state, images):
-    return net.apply({"params": params, "batch_stats": state["batch_stats"]},
-                     base.normalized(images), method=base.SiameseNet.encode)
-
-  def encoder(params, state):
-    return base.backbone_variables(params, state["batch_stats"])
+  encode, encoder = base.eval_functions(net, base.SiameseNet.encode)
 
   def trainable_mask(params):
     """MoCo v3 freezes the random patch projection (its Sec. 4.1); v2 trains everything."""

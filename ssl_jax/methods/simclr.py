@@ -50,12 +50,7 @@ def make(config) -> base.Method:
     del params, step
     return state
 
-  def encode(params, state, images):
-    return net.apply({"params": params, "batch_stats": state["batch_stats"]},
-                     base.normalized(images), method=base.SiameseNet.encode)
-
-  def encoder(params, state):
-    return base.backbone_variables(params, state["batch_stats"])
+  encode, encoder = base.eval_functions(net, base.SiameseNet.encode)
 
   return base.Method(init=init, loss_and_aux=loss_and_aux, after_update=after_update,
                      encode=encode, encoder=encoder, backbone=net.backbone, num_views=2)

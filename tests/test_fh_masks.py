@@ -196,5 +196,5 @@ def test_fh_dataset_precompute_cache(tmp_path):
   mtime = os.stat(meta).st_mtime_ns
   again = sources.make_source("fh_masks", **kw)
   assert again.path == ds.path and os.stat(meta).st_mtime_ns == mtime  # reused, not recomputed
-  with pytest.raises(ValueError, match="path= .* or precompute_from="):
+  with pytest.raises(ValueError, match="(?s)source_args.path is empty.*python -m ssl_jax.data.fh_masks.*precompute_from="):
     sources.make_source("fh_masks", path="")

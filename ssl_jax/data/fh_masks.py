@@ -81,6 +81,19 @@ def make_entry(source: Any, index: int, scales: Sequence[float], min_sizes: Sequ
     return {"id": rec["id"], "label": label, "error": rec["error"]}
   image = rec["image"]
   masks, segments = {}, {}
+  if "masks" in rec:
+    # A source with precomputed masks (official DetCon TFRecords): store them, never recompute;
+    # they are labelled with the one (scale, min_size) they were made with.
+    if len(scales) * len(min_sizes) != 1:
+      raise ValueError(f"record {rec['id']!r} carries precomputed masks: give exactly one "
+                       "--scales and one --min_sizes (their FH setting), not "
+                       f"{scales}, {min_sizes}")
+    key = records.mask_key(scales[0], min_sizes[0])
+    masks[key] = records.encode_mask(rec["masks"], rec["id"])
+    segments[key] = int(len(np.unique(rec["masks"])))
+    return {"id": rec["id"], "label": label, "height": image.shape[0],
+            "width": image.shape[1], "image": rec["encoded"], "masks": masks,
+            "segments": segments}
   try:
     for s in scales:
       for m in min_sizes:

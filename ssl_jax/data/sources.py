@@ -395,6 +395,11 @@ class TfdsSource(_Source):
   def _open(self):
     if self._ds is None:
       import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+      from ssl_jax.data import imagenet  # pylint: disable=import-outside-toplevel
+      # Missing and tfrecord-only copies both make tfds raise the same misleading
+      # NotImplementedError: the preflight names data_dir, what it found and the fix.
+      imagenet.check_tfds_dataset(self.name, self.data_dir, self.split,
+                                  keys=[k for k in (self.image_key, self.label_key) if k])
       where = self.data_dir or "tfds' default data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
       try:
         self._ds = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir,
@@ -569,6 +574,22 @@ SOURCES: dict[str, Callable[..., _Source]] = {
     "tfds": TfdsSource,
     "fh_masks": FHMaskDataset,
 }
+
+
+def _imagenet(attr: str) -> Callable[..., _Source]:
+  # ImageNet sources live in ssl_jax.data.imagenet, which imports this module: bind lazily.
+  def make(**kwargs: Any) -> _Source:
+    from ssl_jax.data import imagenet  # pylint: disable=import-outside-toplevel
+    return getattr(imagenet, attr)(**kwargs)
+  return make
+
+
+SOURCES.update({
+    "tfds_tfrecord": _imagenet("tfds_tfrecord_source"),
+    "ilsvrc_tar": _imagenet("IlsvrcTar"),
+    "imagenet_folder": _imagenet("ImageNetFolder"),
+    "detcon_tfrecord": _imagenet("detcon_tfrecord_source"),
+})
 
 
 def make_source(name: str, /, **kwargs: Any) -> _Source:

@@ -69,7 +69,7 @@ def smoothed_one_hot(labels: jax.Array, num_classes: int, smoothing: float) -> j
 
 
 def cutmix_box(rng: jax.Array, lam: jax.Array, height: int, width: int) -> jax.Array:
-  """A box of area ≈ (1 − λ)·H·W centred uniformly, clipped to the image (timm's `rand_bbox`).
+  """A box of area ≈ (1 − λ)·H·W, centre uniform, clipped to the image (timm's `rand_bbox`).
 
   Returns:
     [H, W] bool, True inside the box (where the other image is pasted).
@@ -97,7 +97,7 @@ def mixup_cutmix(rng: jax.Array, images: jax.Array, targets: jax.Array, mixup_al
       chosen with probability 1/2.
 
   Returns:
-    (mixed images [B, H, W, 3], mixed targets [B, C]): targets λ·y + (1 − λ)·y_flip with λ the
+    (mixed images [B, H, W, 3], mixed targets [B, C]): targets λ·y + (1 − λ)·y_flip, λ the
     kept fraction (for cutmix, recomputed from the clipped box's area).
   """
   if not mixup_alpha and not cutmix_alpha:

@@ -79,8 +79,9 @@ def load_backbone(backbone_cfg: ml_collections.ConfigDict) -> tuple[Any, dict, d
     if "name" not in model:
       raise ValueError("config.backbone.model.name is required with config.backbone.safetensors"
                        " (e.g. 'resnet50' or 'vit_base' with patch_size)")
-    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-    from ssl_jax.export.torch import from_torch_state_dict  # pylint: disable=import-outside-toplevel
+    # pylint: disable=import-outside-toplevel
+    from safetensors.numpy import load_file
+    from ssl_jax.export.torch import from_torch_state_dict
     variables = from_torch_state_dict(load_file(backbone_cfg.safetensors), model)
   else:
     raise ValueError("set config.backbone.workdir (a pretraining workdir) or "

@@ -37,8 +37,10 @@ from ssl_jax.evaluate import knn, linear  # noqa: E402
 BACKBONES = {
     # 32 px inputs: the CIFAR-style stem keeps a 4x4 final map instead of 1x1.
     "resnet": {"name": "resnet18", "width": 16, "small_image_stem": True},
+    # Mean of the patch tokens as the image representation: DetCon's loss only reaches the
+    # patch tokens (it pools the feature map by masks), so a CLS token would stay untrained.
     "vit": {"name": "vit_tiny", "patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 4,
-            "pos_embed": "sincos"},
+            "pos_embed": "sincos", "pool": "mean"},
 }
 METHOD_CONFIGS = {"simclr": "simclr", "byol": "byol", "mocov2": "mocov2", "mocov3": "mocov3",
                   "detcon_b": "detcon_b", "detcon_s": "detcon_s"}
@@ -73,7 +75,7 @@ def data_sources(dataset: str, image_size: int) -> dict:
 
 
 def pretrain_config(method: str, backbone: str, dataset: str, steps: int, batch_size: int,
-                    image_size: int, lr_scale: float = 1.0):
+                    image_size: int, lr_scale: float = 1.0, vit_optimizer: str = ""):
   config = load_config(METHOD_CONFIGS[method], "demo")
   source, args = data_sources(dataset, image_size)["pretrain"]
   with config.unlocked():
@@ -91,6 +93,9 @@ def pretrain_config(method: str, backbone: str, dataset: str, steps: int, batch_
     # 32 for a few hundred steps they barely move the weights, so each optimizer family gets
     # one fixed peak rate (same recipe otherwise), scaled by --lr_scale.
     config.optim.lr_rule = "none"
+    if backbone == "vit" and vit_optimizer:
+      # ViTs are trained with AdamW in MoCo v3 / MAE; LARS recipes are ResNet recipes.
+      config.optim.name = vit_optimizer
     config.optim.base_lr = SHORT_RUN_LR[config.optim.name] * lr_scale
     if method.startswith("detcon"):
       if dataset == "photos":
@@ -141,6 +146,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--image_size", type=int, default=32)
   parser.add_argument("--lr_scale", type=float, default=1.0,
                       help="multiplies each method's base_lr")
+  parser.add_argument("--vit_optimizer", default="",
+                      help="e.g. adamw: every method's optimizer for the ViT ('' = its own)")
   parser.add_argument("--probe_epochs", type=int, default=100)
   parser.add_argument("--workdir", default="")
   parser.add_argument("--out", default="", help="optional JSON file for the table")
@@ -174,7 +181,7 @@ def main(argv=None) -> dict:
         continue
     start = time.perf_counter()
     config = pretrain_config(method, backbone, args.dataset, args.steps, args.batch_size,
-                             args.image_size, args.lr_scale)
+                             args.image_size, args.lr_scale, args.vit_optimizer)
     out = train.run(config, os.path.join(workroot, f"{backbone}_{method}"))
     # The method's own `encode` gives the frozen features (eval mode, BN running statistics).
     m = registry.get_method(config.method).make(config)

@@ -265,6 +265,7 @@ class _KnnEvaluator:
     self._encode = jax.jit(lambda params, state, images: method.encode(params, state, images))
 
   def _features(self, ts, source, limit):
+    """Frozen features (an array, or a dict of arrays for the multi-layer probe) and labels."""
     feats, labels = [], []
     for batch in pipeline.eval_batches(source, image_size=self.image_size,
                                        batch_size=self.cfg.batch_size, limit=limit):
@@ -273,9 +274,10 @@ class _KnnEvaluator:
       if n < self.cfg.batch_size:  # pad to one compiled shape
         pad = np.zeros((self.cfg.batch_size - n,) + images.shape[1:], images.dtype)
         images = np.concatenate([images, pad])
-      feats.append(np.asarray(self._encode(ts["params"], ts["state"], images))[:n])
+      out = jax.device_get(self._encode(ts["params"], ts["state"], images))
+      feats.append(jax.tree.map(lambda v, n=n: np.asarray(v)[:n], out))
       labels.append(batch["label"])
-    return np.concatenate(feats), np.concatenate(labels)
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *feats), np.concatenate(labels)
 
   def run(self, ts) -> dict:
     x_train, y_train = self._features(ts, self.train, self.cfg.max_train)
@@ -329,21 +331,6 @@ class _MultilayerEvaluator(_LinearEvaluator):
     self._encode = jax.jit(lambda params, state, images: linear.multilayer_features(
         method.backbone.apply(method.encoder(params, state), base.normalized(images),
                               train=False), pool_sizes))
-
-  def _features(self, ts, source, limit):
-    feats, labels = [], []
-    for batch in pipeline.eval_batches(source, image_size=self.image_size,
-                                       batch_size=self.cfg.batch_size, limit=limit):
-      images = batch["image"]
-      n = images.shape[0]
-      if n < self.cfg.batch_size:  # pad to one compiled shape
-        pad = np.zeros((self.cfg.batch_size - n,) + images.shape[1:], images.dtype)
-        images = np.concatenate([images, pad])
-      out = jax.device_get(self._encode(ts["params"], ts["state"], images))
-      feats.append({k: np.asarray(v)[:n] for k, v in out.items()})
-      labels.append(batch["label"])
-    return ({k: np.concatenate([f[k] for f in feats]) for k in feats[0]},
-            np.concatenate(labels))
 
   def run(self, ts) -> dict:
     from ssl_jax.evaluate import linear  # pylint: disable=import-outside-toplevel

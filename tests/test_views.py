@@ -1,5 +1,4 @@
 """View recipes (paper tables) and the host view maker (joint masks, consistent ids, MaskCo)."""
-import dataclasses
 
 import numpy as np
 import pytest

@@ -71,15 +71,23 @@ def test_method_fits_a_fixed_batch(name):
   assert np.all(np.isfinite(feats))
 
 
-def test_sharded_step_equals_single_device():
-  """One step on an 8-device mesh equals the same step on one device (global BN, global loss).
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_sharded_step_equals_single_device(fsdp):
+  """One step on an 8-device mesh equals the same step on one device (global BN, global loss),
+  with params replicated (data parallel) or sharded over the devices too (FSDP).
 
   Compared: the loss, and each parameter's update (relative to its size: reductions run in a
   different order on 8 shards, so only float rounding may differ).
   """
   results = []
   for devices in (jax.devices()[:1], jax.devices()[:8]):
-    setup = train.build(_config("byol"), mesh=parallel.make_mesh(devices), source=BlockSource())
+    config = _config("byol")
+    with config.unlocked():
+      config.sharding.fsdp = fsdp and len(devices) > 1
+    setup = train.build(config, mesh=parallel.make_mesh(devices), source=BlockSource())
+    if config.sharding.fsdp:  # the big kernels really are split over the 8 devices
+      specs = [s.spec for s in jax.tree.leaves(setup.state_sharding["params"])]
+      assert any("data" in tuple(spec) for spec in specs)
     assert setup.config.train.batch_size % 8 == 0
     local = next(train.make_data_iterator(setup))
     batch = train.device_batch(local, setup.mesh)

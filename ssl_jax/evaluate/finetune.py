@@ -18,7 +18,6 @@ normed patch tokens (`features="avg"`, MAE's global pool; MAE normalises after p
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -244,7 +243,5 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train_source=None, t
              "epochs": total / steps_per_epoch, "features": features, "model": model,
              "num_layers": num_layers, "num_train": len(train_source),
              "num_test": len(test_source)}
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, SUMMARY_FILE), "w", encoding="utf-8") as f:
-      json.dump(summary, f, indent=2, sort_keys=True, default=str)
+  linear_eval.write_summary(workdir, SUMMARY_FILE, summary)
   return summary

@@ -299,7 +299,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train_source=None, t
              "epochs": total / steps_per_epoch, "features": features,
              "head_batch_norm": head.batch_norm, "model": model,
              "num_train": len(train_source), "num_test": len(test_source)}
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, SUMMARY_FILE), "w", encoding="utf-8") as f:
-      json.dump(summary, f, indent=2, sort_keys=True, default=str)
+  write_summary(workdir, SUMMARY_FILE, summary)
   return {**summary, "head": jax.device_get(head_vars_of(state))}
+
+
+def write_summary(workdir: str, filename: str, summary: dict) -> None:
+  """The evaluation's final results as `workdir/filename` (JSON), written by process 0."""
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, filename), "w", encoding="utf-8") as f:
+      json.dump(summary, f, indent=2, sort_keys=True, default=str)

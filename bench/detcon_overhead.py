@@ -33,13 +33,13 @@ def prepare(name: str, model: dict, batch: int, image_size: int):
     config.train.batch_size = batch
     config.train.total_steps = 1000
   setup = train.build(config, source=BlockSource(n=batch, size=image_size))
-  arrays = train.device_batch(next(train.make_data_iterator(setup)), setup.mesh)
+  arrays = setup.device_batch(next(train.make_data_iterator(setup)))
   holder = {"ts": setup.init_state(arrays)}
-  cost = setup.train_step.lower(holder["ts"], arrays).compile().cost_analysis()
+  cost = setup.train_step.lower(holder["ts"], arrays, setup.constants).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
 
   def step():
-    holder["ts"], m = setup.train_step(holder["ts"], arrays)
+    holder["ts"], m = setup.step(holder["ts"], arrays)
     jax.block_until_ready(m["loss"])
 
   step()

@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from ssl_jax import config_lib, registry, train  # noqa: E402
 from ssl_jax.data import pipeline  # noqa: E402
-from ssl_jax.evaluate import knn, linear  # noqa: E402
+from ssl_jax.evaluate import features, knn, linear  # noqa: E402
 
 BACKBONES = {
     # 32 px inputs: the CIFAR-style stem keeps a 4x4 final map instead of 1x1.
@@ -128,7 +128,7 @@ def probe(features: tuple[np.ndarray, np.ndarray], labels: tuple[np.ndarray, np.
 
 
 def encoded(method, params, state, images: np.ndarray) -> np.ndarray:
-  return knn.extract_features(lambda x: method.encode(params, state, x), images, 256)
+  return features.extract_features(method.encode, images, 256, args=(params, state))
 
 
 def main(argv=None) -> dict:
@@ -187,9 +187,8 @@ def main(argv=None) -> dict:
     m = registry.get_method(config.method).make(config)
     if not any(r["backbone"] == backbone for r in rows):
       # Random init: the trainer's initial state (before any step), same architecture and seed.
-      batch = jax.tree.map(lambda a: jax.numpy.zeros(a.shape, a.dtype),
-                           train._abstract_batch(config, m))  # pylint: disable=protected-access
-      ts0 = jax.device_get(train.build(config).init_state(batch))
+      setup0 = train.build(config)
+      ts0 = jax.device_get(setup0.init_state(setup0.zeros_batch()))
       feats = tuple(encoded(m, ts0["params"], ts0["state"], x) for x in (x_train, x_test))
       add(backbone, "random init", probe(feats, labels, num_classes, epochs=args.probe_epochs),
           0.0)

@@ -51,18 +51,18 @@ def step_gflops(model: str, batch: int, image_size: int, steps: int) -> tuple[fl
     config.data.num_workers = 0
   setup = train.build(config, source=BlockSource(n=batch, size=image_size))
   local = next(train.make_data_iterator(setup))
-  batch_arrays = train.device_batch(local, setup.mesh)
+  batch_arrays = setup.device_batch(local)
   ts = setup.init_state(batch_arrays)
-  compiled = setup.train_step.lower(ts, batch_arrays).compile()
+  compiled = setup.train_step.lower(ts, batch_arrays, setup.constants).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost["flops"])
-  ts, m = setup.train_step(ts, batch_arrays)
+  ts, m = setup.step(ts, batch_arrays)
   jax.block_until_ready(m["loss"])
   best = float("inf")
   for _ in range(steps):
     t = time.perf_counter()
-    ts, m = setup.train_step(ts, batch_arrays)
+    ts, m = setup.step(ts, batch_arrays)
     jax.block_until_ready(m["loss"])
     best = min(best, time.perf_counter() - t)
   return flops / 1e9, best, flops / best / 1e9

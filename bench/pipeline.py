@@ -46,13 +46,13 @@ def step_images_per_second(source, image_size: int, batch: int, steps: int) -> f
     config.train.batch_size = batch
     config.train.total_steps = 1000
   setup = train.build(config, source=source)
-  arrays = train.device_batch(next(train.make_data_iterator(setup)), setup.mesh)
+  arrays = setup.device_batch(next(train.make_data_iterator(setup)))
   ts = setup.init_state(arrays)
-  ts, m = setup.train_step(ts, arrays)
+  ts, m = setup.step(ts, arrays)
   jax.block_until_ready(m["loss"])
   t = time.perf_counter()
   for _ in range(steps):
-    ts, m = setup.train_step(ts, arrays)
+    ts, m = setup.step(ts, arrays)
   jax.block_until_ready(m["loss"])
   return steps * batch / (time.perf_counter() - t)
 

@@ -13,7 +13,7 @@ from ssl_jax import config_lib
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg)
+  args = config_lib.parse_arg(arg, ("demo", "test", "epochs"))
   epochs = args.get("epochs", 1000)
   short = epochs < 1000
   c = config_lib.base_config()

@@ -26,5 +26,5 @@ from ssl_jax import config_lib
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg)
+  args = config_lib.parse_arg(arg, config_lib.DETCON_VARIANTS)
   return config_lib.detcon_config("detcon_b", args)

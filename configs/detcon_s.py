@@ -15,4 +15,4 @@ from ssl_jax import config_lib
 
 
 def get_config(arg=None):
-  return config_lib.detcon_config("detcon_s", config_lib.parse_arg(arg))
+  return config_lib.detcon_config("detcon_s", config_lib.parse_arg(arg, config_lib.DETCON_VARIANTS))

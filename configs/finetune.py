@@ -20,7 +20,7 @@ from ssl_jax import config_lib
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg)
+  args = config_lib.parse_arg(arg, ("demo", "test", "model"))
   large = args.get("model") == "vit_large"
   c = ConfigDict()
   c.protocol = "finetune"

@@ -30,7 +30,7 @@ from ssl_jax import config_lib
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg)
+  args = config_lib.parse_arg(arg, ("demo", "test", "vit", "mae"))
   c = ConfigDict()
   c.protocol = "linear"
   # Where the frozen backbone comes from: a pretraining workdir, or a safetensors export with

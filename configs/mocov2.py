@@ -11,7 +11,7 @@ from ssl_jax import config_lib
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg)
+  args = config_lib.parse_arg(arg, ("demo", "test", "epochs"))
   c = config_lib.base_config()
   c.method = "mocov2"
   c.method_args = config_lib.ConfigDict({

@@ -12,7 +12,7 @@ from ssl_jax import config_lib
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg)
+  args = config_lib.parse_arg(arg, ("demo", "test", "epochs", "model"))
   c = config_lib.base_config()
   c.method = "mocov3"
   c.method_args = config_lib.ConfigDict({

@@ -1,6 +1,8 @@
 """Checkpoints: the train state and the grain iterator state, saved together by orbax.
 
-`workdir/checkpoints/<step>/{state,data}`. Orbax writes each step into a temporary directory and
+`workdir/checkpoints/<step>/{state,data}`. Only the train state and the data position are saved:
+frozen constants (a teacher) are never part of it, and where a method keeps its backbone is the
+method's business (`Method.encoder`, read through `ssl_jax.weights`). Orbax writes each step into a temporary directory and
 renames it when complete, so a kill mid-save leaves the previous step intact; saves are async
 (the train loop continues while the state is written). Restoring gives the exact next batch
 because the grain iterator state (positions in the shuffled, repeated record stream) is stored
@@ -17,6 +19,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from ssl_jax.errors import UserError
+
 STATE, DATA = "state", "data"
 
 
@@ -24,9 +28,14 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
-def make_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+class CheckpointNotFoundError(UserError, FileNotFoundError):
+  """A workdir holds no (such) checkpoint."""
+
+
+def make_manager(workdir: str, keep: int, async_save: bool = True,
+                 create: bool = True) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+      max_to_keep=keep, create=create, enable_async_checkpointing=async_save)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
@@ -55,15 +64,26 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, data_iterator=N
   return step, restored[STATE]
 
 
+def latest_step(workdir: str) -> int | None:
+  """The latest complete checkpoint step of a workdir, or None (nothing is created)."""
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    return None
+  manager = make_manager(workdir, keep=1_000_000, async_save=False, create=False)
+  try:
+    return manager.latest_step()
+  finally:
+    manager.close()
+
+
 def load_state(workdir: str, step: int | None = None) -> tuple[int, Any]:
   """Loads a saved train state as host numpy arrays without knowing its structure (export, eval)."""
-  manager = make_manager(workdir, keep=1_000_000, async_save=False)
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(
-        f"no checkpoint in {checkpoint_dir(workdir)}: train first or pass the right --workdir")
+  step = latest_step(workdir) if step is None else step
+  path = os.path.join(checkpoint_dir(workdir), str(step), STATE)
+  if step is None or not os.path.isdir(path):
+    raise CheckpointNotFoundError(
+        f"no checkpoint{'' if step is None else f' at step {step}'} in {checkpoint_dir(workdir)}:"
+        " train first or pass the right workdir/step")
   with ocp.StandardCheckpointer() as ckptr:
-    path = os.path.join(checkpoint_dir(workdir), str(step), STATE)
     metadata = ckptr.metadata(path)
     tree = getattr(metadata, "item_metadata", metadata)
     abstract = jax.tree.map(
@@ -96,31 +116,3 @@ class PreemptionFlag:
 
   def is_set(self) -> bool:
     return self._event.is_set()
-
-
-def backbone_variables(state: Any, part: str = "online") -> dict:
-  """Backbone variables {"params", "batch_stats"?} of a saved train state.
-
-  Every method keeps its backbone under the key "backbone" of its params (online network) and of
-  `state["target"]["params"]` (EMA/momentum network, BYOL/MoCo/DetCon-B); `part` picks which.
-  """
-  if part == "online":
-    params, stats = state["params"], state["state"].get("batch_stats", {})
-  elif part == "target":
-    if "target" not in state["state"]:
-      raise ValueError("--part=target: this method has no target (EMA) network; use "
-                       "--part=online")
-    params = state["state"]["target"]["params"]
-    stats = state["state"]["target"].get("batch_stats", {})
-  else:
-    raise ValueError(f"part={part!r} must be 'online' or 'target'")
-  variables = {"params": params["backbone"]}
-  if stats and "backbone" in stats:
-    variables["batch_stats"] = stats["backbone"]
-  return variables
-
-
-def load_variables(workdir: str, step: int | None = None, part: str = "online") -> tuple[int, dict]:
-  """(step, backbone variables) of a training workdir's checkpoint, as host numpy arrays."""
-  step, state = load_state(workdir, step)
-  return step, backbone_variables(state, part)

@@ -8,9 +8,11 @@ whose message names the offending field (`config.train.batch_size=100 is not div
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterable
 
 import ml_collections
+
+from ssl_jax.errors import UserError
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -20,7 +22,7 @@ SCHEDULES = ("cosine", "piecewise", "constant")
 MASK_TYPES = (None, "fh", "grid", "gt")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A config value is invalid; the message names the field and what to do."""
 
 
@@ -37,6 +39,12 @@ def base_config() -> ConfigDict:
       "views": "byol",           # recipe name in ssl_jax.data.views
       "masks": None,             # None | "fh" | "grid" | "gt"  (DetCon)
       "max_segments": 64,        # ids per image after compaction (DetCon)
+      "grid": (5, 5),            # cells of the spatial-grid masks (masks="grid"; DetCon Fig. 7)
+      "num_boxes": 0,            # MaskCo: boxes in the key view (> 0 selects MaskCo's views)
+      "box_side": (32 / 224, 128 / 224),  # MaskCo: box side range, fraction of image_size
+      "local_views": 0,          # multi-crop: number of small local views (0: none)
+      "local_image_size": 96,
+      "local_recipe": "multicrop_local",
       "num_workers": 0,          # grain worker processes (0: in-process)
       "prefetch": 2,
   })
@@ -68,9 +76,46 @@ def base_config() -> ConfigDict:
       "progress_bar": True,
   })
   c.eval = ConfigDict()          # name -> evaluator settings, e.g. c.eval.knn
+  # Start the backbone from trained weights (big_vision's `model_init`): a pretraining workdir,
+  # a safetensors export or a PyTorch file (torchvision / timm layout). `model` names the
+  # architecture of a file without our export metadata; `step` 0 = latest; `part` online/target.
+  c.init_from = ConfigDict({"source": "", "step": 0, "part": "online"})
   c.sharding = ConfigDict({"fsdp": False})
   c.dtype = "float32"
   return c
+
+
+def max_segments(config: ConfigDict) -> int:
+  """Segment ids kept per image (`config.data.max_segments`), the one place it is read."""
+  return int(config.data.max_segments)
+
+
+def steps_from_epochs(num_epochs: float, total_steps: int, num_records: int, batch_size: int,
+                      warmup_epochs: float = 0.0, warmup_steps: int = 0) -> dict[str, int]:
+  """Epochs -> steps, the one conversion used by pretraining, linear evaluation and fine-tuning.
+
+  An epoch is `num_records // batch_size` steps (at least 1; incomplete batches are dropped).
+  A positive `total_steps` / `warmup_steps` wins over the epoch count; warmup never exceeds the
+  run. Returns {"total_steps", "steps_per_epoch", "warmup_steps"}.
+  """
+  steps_per_epoch = max(1, num_records // batch_size)
+  total = int(total_steps) if total_steps > 0 else max(1, int(round(num_epochs * steps_per_epoch)))
+  warmup = int(warmup_steps) if warmup_steps > 0 else int(round(warmup_epochs * steps_per_epoch))
+  return {"total_steps": total, "steps_per_epoch": steps_per_epoch,
+          "warmup_steps": min(warmup, total)}
+
+
+def resolve_steps(config: ConfigDict, num_records: int) -> int:
+  """Fills `train.total_steps` and `optim.warmup_steps` of a config in place from its epochs and
+  the dataset size (`steps_from_epochs`); returns the steps per epoch."""
+  steps = steps_from_epochs(config.train.get("num_epochs", 0.0),
+                            config.train.get("total_steps", 0) or 0, num_records,
+                            config.train.batch_size, config.optim.get("warmup_epochs", 0.0),
+                            config.optim.get("warmup_steps", 0) or 0)
+  with config.unlocked():
+    config.train.total_steps = steps["total_steps"]
+    config.optim.warmup_steps = steps["warmup_steps"]
+  return steps["steps_per_epoch"]
 
 
 def knn_eval(source: str, every_steps: int, **source_args: Any) -> ConfigDict:
@@ -126,17 +171,48 @@ def validate(config: ConfigDict, num_devices: int) -> None:
     _require(d.image_size % patch == 0,
              f"config.data.image_size={d.image_size} is not divisible by"
              f" config.model.patch_size={patch}")
+  _require(max_segments(config) >= 1,
+           f"config.data.max_segments={d.max_segments} must be >= 1")
+  _require(len(d.grid) == 2 and all(int(g) >= 1 for g in d.grid),
+           f"config.data.grid={tuple(d.grid)} must be two positive cell counts (rows, cols)")
+  _require(d.num_boxes >= 0, f"config.data.num_boxes={d.num_boxes} must be >= 0")
+  _require(d.local_views >= 0 and d.local_image_size > 0,
+           f"config.data.local_views={d.local_views} must be >= 0 and "
+           f"config.data.local_image_size={d.local_image_size} positive")
+  from ssl_jax.data import views  # pylint: disable=import-outside-toplevel
+  for field in ("views",) + (("local_recipe",) if d.local_views else ()):
+    _require(d[field] in views.recipe_names(),
+             f"config.data.{field}={d[field]!r} is not a view recipe; known: "
+             f"{', '.join(views.recipe_names())}")
+  _require(config.init_from.part in ("online", "target"),
+           f"config.init_from.part={config.init_from.part!r} must be 'online' or 'target'")
   for name, ev in config.eval.items():
     _require(ev.get("every_steps", 1) > 0,
              f"config.eval.{name}.every_steps={ev.get('every_steps')} must be positive")
-  registry.get_method(config.method).validate(config)
+  try:
+    registry.get_method(config.method).validate(config)
+  except ConfigError:
+    raise
+  except ValueError as e:  # methods name the field in their messages
+    raise ConfigError(str(e)) from e
 
 
-def parse_arg(arg: str | None) -> dict[str, Any]:
-  """`"demo"` -> {"demo": True}; `"epochs=1000,coco"` -> {"epochs": 1000, "coco": True}."""
+SIZE_VARIANTS = ("demo", "test")
+
+
+def parse_arg(arg: str | None, known: Iterable[str] = SIZE_VARIANTS) -> dict[str, Any]:
+  """`"demo"` -> {"demo": True}; `"epochs=1000,coco"` -> {"epochs": 1000, "coco": True}.
+
+  `known` lists the variants the config understands (`"epochs"` also as `epochs=N`); anything
+  else is refused with that list, so a typo (`:demoo`) never silently runs the full setting.
+  """
+  known = tuple(known)
   out: dict[str, Any] = {}
   for part in filter(None, (arg or "").split(",")):
     key, sep, value = part.partition("=")
+    if key not in known:
+      raise ConfigError(f"config variant {part!r} is unknown; known variants: "
+                        f"{', '.join(sorted(known))}")
     if not sep:
       out[key] = True
       continue
@@ -199,6 +275,9 @@ def apply_size_variant(config: ConfigDict, args: dict[str, Any], vit: bool = Fal
         "builtin_photos", every_steps=100000,
         train_args={"split": "train", "num_per_photo": 32, "crop_size": 96},
         test_args={"split": "probe", "num_per_photo": 16, "crop_size": 96})
+
+
+DETCON_VARIANTS = ("demo", "test", "epochs", "coco", "grid")
 
 
 def detcon_config(method: str, args: dict[str, Any]) -> ConfigDict:

@@ -1,10 +1,13 @@
 """Entry point: `python -m ssl_jax.main --config=configs/byol.py[:variant] --workdir=DIR`.
 
 Any config field can be overridden: `--config.train.batch_size=256`. Rerunning the same command
-on the same workdir resumes from its latest checkpoint with the exact next batch.
+on the same workdir resumes from its latest checkpoint with the exact next batch. Mistakes in
+the command (config values, variants, data paths) print one line and exit with status 2.
 """
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
+
+from ssl_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/byol.py:demo",
                                           lock_config=True)
@@ -16,15 +19,18 @@ _MAX_STEPS = flags.DEFINE_integer("max_steps", None,
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from ssl_jax import train  # pylint: disable=import-outside-toplevel
-  result = train.run(_CONFIG.value, _WORKDIR.value, max_steps=_MAX_STEPS.value)
-  summary = {k: v for k, v in result.items() if k != "state"}
-  logging.info("done: %s", summary)
-  print("final:", " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                           for k, v in summary.items()))
+    cli.fail(f"unexpected arguments: {argv[1:]}")
+  # pylint: disable=import-outside-toplevel
+  import time
+  import jax
+  from ssl_jax import metrics, train
+  start = time.time()
+  result = train.run(cli.loaded_config(_CONFIG), _WORKDIR.value, max_steps=_MAX_STEPS.value)
+  if jax.process_index() == 0:
+    for line in metrics.summary_lines(_WORKDIR.value, result, time.time() - start):
+      print(line, flush=True)
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main)

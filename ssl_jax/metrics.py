@@ -1,12 +1,22 @@
-"""The one metrics writer (`workdir/metrics.jsonl`) and the step timer behind img/s and ETA."""
+"""The one metrics writer (`workdir/metrics.jsonl`), the console lines, and the step timer.
+
+Console output of a run is: one start line, the progress bar (the only moving line), one compact
+line per log step (`format_metrics`) and a summary; library INFO logs stay off unless asked for
+(`ssl_jax.cli`).
+"""
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import tqdm
-from absl import logging
+
+# Shown first on a log line, in this order; the rest follow sorted. Bookkeeping that is in
+# metrics.jsonl but not worth a column is left off the console.
+_FIRST = ("loss", "lr", "img/s")
+_QUIET = ("img/s/core", "sec/step", "grad_norm")
 
 
 class MetricsWriter:
@@ -21,8 +31,6 @@ class MetricsWriter:
       return
     self._f.write(json.dumps({"step": int(step), **metrics}, sort_keys=True) + "\n")
     self._f.flush()
-    logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" if isinstance(v, float)
-                                                  else f"{k}={v}" for k, v in metrics.items()))
 
   def close(self) -> None:
     if self._f is not None:
@@ -33,6 +41,26 @@ class MetricsWriter:
 def read_metrics(workdir: str) -> list[dict]:
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def _fmt(value) -> str:
+  if isinstance(value, float):
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+  return str(value)
+
+
+def format_metrics(step: int, total: int, metrics: dict) -> str:
+  """One compact console line: `step 20/600  loss 3.412  lr 0.0123  img/s 812  probe_top1 0.4`."""
+  keys = [k for k in _FIRST if k in metrics]
+  keys += sorted(k for k in metrics if k not in _FIRST and k not in _QUIET
+                 and not (k.startswith("data/") and not metrics[k]))
+  return f"step {step}/{total}  " + "  ".join(f"{k} {_fmt(metrics[k])}" for k in keys)
+
+
+def console(line: str) -> None:
+  """Prints a line above any progress bar (stdout, flushed)."""
+  tqdm.tqdm.write(line, file=sys.stdout)
+  sys.stdout.flush()
 
 
 class Chrono:
@@ -46,7 +74,8 @@ class Chrono:
                show_bar: bool = True):
     self.batch_size, self.num_cores = batch_size, num_cores
     self._last_time, self._last_step, self._step = time.perf_counter(), start_step, start_step
-    self._bar = (tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+    self._bar = (tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                           leave=False, file=sys.stderr)
                  if show_bar else None)
 
   def tick(self, step: int) -> None:
@@ -65,3 +94,23 @@ class Chrono:
   def close(self) -> None:
     if self._bar is not None:
       self._bar.close()
+
+
+def summary_lines(workdir: str, result: dict, seconds: float) -> list[str]:
+  """The end of a run: `done: ...` and, per evaluator with a top-1, init -> end with chance,
+  e.g. `knn top-1: 0.30 at init -> 0.43 after 600 steps (chance 0.10)`."""
+  lines = [f"done: step {result['step']} in {seconds / 60:.1f} min"
+           + (f", loss {result['loss']:.4g}" if "loss" in result else "")]
+  try:
+    history = read_metrics(workdir)
+  except FileNotFoundError:
+    return lines
+  names = sorted({k[:-len("/top1")] for m in history for k in m if k.endswith("/top1")})
+  for name in names:
+    points = [(m["step"], m[f"{name}/top1"]) for m in history if f"{name}/top1" in m]
+    chance = next((m[f"{name}/chance"] for m in history if f"{name}/chance" in m), None)
+    (s0, first), (s1, last) = points[0], points[-1]
+    start = "at init" if s0 == 0 else f"at step {s0}"
+    line = f"{name} top-1: {first:.2f} {start} -> {last:.2f} after {s1} steps"
+    lines.append(line + (f" (chance {chance:.2f})" if chance is not None else ""))
+  return lines

@@ -13,7 +13,7 @@ def test_online_and_target_pool_the_same_ids(monkeypatch):
   config = load_config("detcon_b", "test")
   setup = train.build(config, mesh=parallel.make_mesh(jax.devices()[:1]), source=BlockSource())
   local = next(train.make_data_iterator(setup))
-  batch = train.device_batch(local, setup.mesh)
+  batch = setup.device_batch(local)
   ts = setup.init_state(batch)
   calls = []
   original = mask_pooling.mask_pool

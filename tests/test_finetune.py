@@ -53,7 +53,8 @@ def test_layer_decay_multipliers_through_the_optimizer(tiny_vit, decay):
   lr · decay^(L + 1 − layer_id): Adam's first step is ±lr per element, layer decay scales it."""
   _, _, params = tiny_vit
   config = _config(weight_decay=0.0, layer_decay=decay)
-  tx, _ = finetune.make_finetune_optimizer(config, DEPTH, total_steps=10, steps_per_epoch=5)
+  tx, _ = finetune.make_finetune_optimizer(config, DEPTH, total_steps=10,
+                                         steps={"warmup_steps": 0})
   grads = jax.tree.map(jnp.ones_like, params)
   updates, _ = tx.update(grads, tx.init(params), params)
   seen = set()
@@ -71,7 +72,8 @@ def test_weight_decay_skips_bias_norm_and_tokens(tiny_vit):
   _, _, params = tiny_vit
   wd, decay = 0.05, 0.5
   config = _config(weight_decay=wd, layer_decay=decay)
-  tx, _ = finetune.make_finetune_optimizer(config, DEPTH, total_steps=10, steps_per_epoch=5)
+  tx, _ = finetune.make_finetune_optimizer(config, DEPTH, total_steps=10,
+                                         steps={"warmup_steps": 0})
   updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
   flat_p = dict(jax.tree_util.tree_leaves_with_path(params))
   for path, u in jax.tree_util.tree_leaves_with_path(updates):

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssl_jax.evaluate import knn
+from ssl_jax.evaluate import features, knn
 
 
 def _numpy_knn_votes(train, labels, test, num_classes, k, temperature):
@@ -102,8 +102,8 @@ def test_extract_features_pads_and_compiles_once():
     return {"pooled": x.mean(axis=(1, 2)), "sum": jnp.sum(x, axis=(1, 2, 3))}
 
   images = np.random.default_rng(3).uniform(size=(10, 4, 4, 3)).astype(np.float32)
-  from_array = knn.extract_features(encode, images, batch_size=4)
-  from_iter = knn.extract_features(encode, iter([images[:5], images[5:8], images[8:]]),
+  from_array = features.extract_features(encode, images, batch_size=4)
+  from_iter = features.extract_features(encode, iter([images[:5], images[5:8], images[8:]]),
                                    batch_size=4)
   np.testing.assert_allclose(from_array["pooled"], images.mean(axis=(1, 2)), rtol=1e-6)
   np.testing.assert_allclose(from_array["sum"], images.sum(axis=(1, 2, 3)), rtol=1e-5)
@@ -116,6 +116,6 @@ def test_extract_features_pads_and_compiles_once():
 
 def test_extract_features_array_output():
   images = np.arange(5 * 2 * 2 * 3, dtype=np.float32).reshape(5, 2, 2, 3)
-  out = knn.extract_features(lambda x: x.reshape(x.shape[0], -1), images, batch_size=2)
+  out = features.extract_features(lambda x: x.reshape(x.shape[0], -1), images, batch_size=2)
   assert isinstance(out, np.ndarray)
   np.testing.assert_array_equal(out, images.reshape(5, -1))

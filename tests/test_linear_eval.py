@@ -9,9 +9,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ssl_jax import checkpoint, train
+from ssl_jax import train, weights
 from ssl_jax.data import pipeline
-from ssl_jax.evaluate import linear_eval
+from ssl_jax.evaluate import evaluators, linear_eval
 from ssl_jax.metrics import read_metrics
 from ssl_jax.models import get_backbone
 from tests.helpers import BlockSource, load_config
@@ -60,7 +60,7 @@ def test_unknown_evaluator_names_the_field():
   with config.unlocked():
     config.eval = ml_collections.ConfigDict({"probe": {"kind": "nope", "every_steps": 1}})
   with pytest.raises(ValueError, match=r"config.eval.probe: unknown evaluator 'nope'"):
-    train._make_evaluators(config, setup=None)  # pylint: disable=protected-access
+    evaluators.make_evaluators(config, predict_fn=None)
 
 
 def _test_config(workdir: str) -> ml_collections.ConfigDict:
@@ -85,7 +85,7 @@ def test_linear_eval_from_workdir_matches_numpy_reference(pretrain_workdir, tmp_
   assert any("linear_eval/train_loss" in r for r in lines)
 
   # Independent reference: backbone from the checkpoint, features of centre crops, NumPy head.
-  _, variables = checkpoint.load_variables(pretrain_workdir)
+  _, variables = weights.workdir_encoder(pretrain_workdir)
   module = get_backbone("resnet18", **{k: v for k, v in summary["model"].items() if k != "name"})
   test_source = linear_eval.registry.get_source("builtin_photos", **config.data.test_args)
   batch = next(pipeline.eval_batches(test_source, image_size=32, batch_size=1000,
@@ -107,8 +107,8 @@ def test_linear_eval_from_workdir_matches_numpy_reference(pretrain_workdir, tmp_
 def test_load_backbone_from_exported_safetensors(pretrain_workdir, tmp_path):
   from safetensors.numpy import save_file
   from ssl_jax.export.torch import to_torch_state_dict
-  _, variables = checkpoint.load_variables(pretrain_workdir)
-  model = linear_eval.model_config_of_workdir(pretrain_workdir)
+  _, variables = weights.workdir_encoder(pretrain_workdir)
+  model = weights.model_config_of_workdir(pretrain_workdir)
   path = str(tmp_path / "backbone.safetensors")
   save_file({k: np.ascontiguousarray(v) for k, v in to_torch_state_dict(variables, model).items()},
             path)
@@ -123,11 +123,19 @@ def test_load_backbone_from_exported_safetensors(pretrain_workdir, tmp_path):
 
 @pytest.mark.parametrize("cfg, match", [
     ({"workdir": "", "safetensors": ""}, "set config.backbone.workdir"),
-    ({"workdir": "/nonexistent_ssl_jax", "safetensors": ""}, "config.json"),
-    ({"workdir": "", "safetensors": "x.safetensors", "model": {}}, "model.name is required"),
+    ({"workdir": "/nonexistent_ssl_jax", "safetensors": ""}, "does not exist"),
+    ({"workdir": "", "safetensors": "FOREIGN", "model": {}}, "architecture is unknown"),
+    ({"workdir": "NOT_A_RUN", "safetensors": ""}, "not a pretraining workdir"),
 ])
-def test_load_backbone_errors(cfg, match):
-  with pytest.raises((ValueError, FileNotFoundError), match=match):
+def test_load_backbone_errors(cfg, match, tmp_path):
+  """Every bad backbone source is a one-line user error (`weights.WeightsError`)."""
+  from safetensors.numpy import save_file
+  foreign = str(tmp_path / "foreign.safetensors")  # a torchvision-style file: no arch metadata
+  save_file({"conv1.weight": np.zeros((2, 3, 1, 1), np.float32)}, foreign)
+  (tmp_path / "not_a_run").mkdir()
+  cfg = {k: {"FOREIGN": foreign, "NOT_A_RUN": str(tmp_path / "not_a_run")}.get(v, v)
+         for k, v in cfg.items()}
+  with pytest.raises(weights.WeightsError, match=match):
     linear_eval.load_backbone(ml_collections.ConfigDict(cfg))
 
 

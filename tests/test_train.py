@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from ssl_jax import checkpoint, parallel, train
+from ssl_jax import checkpoint, parallel, train, weights
 from ssl_jax.metrics import read_metrics
 from tests.helpers import BlockSource, load_config
 
@@ -44,7 +44,7 @@ def test_method_fits_a_fixed_batch(name):
   """Steps on one fixed batch: finite losses, and the loss at a fixed key (same augmentations,
   same sampled masks) is lower after training than at init."""
   setup, local = _fixed_batch(name)
-  batch = train.device_batch(local, setup.mesh)
+  batch = setup.device_batch(local)
   ts = setup.init_state(batch)
   queue = ts["state"].get("queue")
   key, step0 = jax.random.PRNGKey(123), jax.numpy.int32(0)
@@ -57,7 +57,7 @@ def test_method_fits_a_fixed_batch(name):
       # that are copies of the positives), so the loss rises by construction; fitting is
       # checked against the fixed initial queue.
       ts["state"]["queue"] = queue.copy()
-    ts, metrics = setup.train_step(ts, batch)
+    ts, metrics = setup.step(ts, batch)
     assert bool(metrics["finite"]), name
     losses.append(float(metrics["loss"]))
   if queue is not None:
@@ -90,10 +90,10 @@ def test_sharded_step_equals_single_device(fsdp):
       assert any("data" in tuple(spec) for spec in specs)
     assert setup.config.train.batch_size % 8 == 0
     local = next(train.make_data_iterator(setup))
-    batch = train.device_batch(local, setup.mesh)
+    batch = setup.device_batch(local)
     ts = setup.init_state(batch)
     init = jax.device_get(ts["params"])
-    ts, metrics = setup.train_step(ts, batch)
+    ts, metrics = setup.step(ts, batch)
     update = jax.tree.map(lambda new, old: new - old, jax.device_get(ts["params"]), init)
     results.append((update, float(metrics["loss"]), jax.device_get(ts["state"]["batch_stats"]),
                     init))
@@ -115,7 +115,7 @@ def _next_batches(config, workdir, n=2):
   setup = train.build(config, source=BlockSource())
   it = train.make_data_iterator(setup)
   manager = checkpoint.make_manager(workdir, keep=3, async_save=False)
-  abstract = jax.eval_shape(setup.init_state, train._abstract_batch(config, setup.method))  # pylint: disable=protected-access
+  abstract = jax.eval_shape(setup.init_state, setup.batch_spec)
   step, _ = checkpoint.restore(manager, abstract, it)
   manager.close()
   return step, [next(it) for _ in range(n)]
@@ -154,8 +154,8 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
   def make_nan_after_3(config):
     method = make(config)
 
-    def loss_and_aux(params, state, batch, rng, step):
-      loss, aux = method.loss_and_aux(params, state, batch, rng, step)
+    def loss_and_aux(params, state, batch, rng, step, constants=None):
+      loss, aux = method.loss_and_aux(params, state, batch, rng, step, constants)
       return loss * jax.numpy.where(step >= 3, jax.numpy.nan, 1.0), aux
 
     return method.__class__(**{**method.__dict__, "loss_and_aux": loss_and_aux})
@@ -191,8 +191,11 @@ def test_export_from_a_training_workdir(tmp_path):
   heads = str(tmp_path / "heads.safetensors")
   assert export_cli.export_heads(workdir, None, heads) > 0
   assert {k.split(".")[0] for k in load_file(heads)} == {"projector", "predictor"}
-  with pytest.raises(ValueError, match="no target"):
-    checkpoint.backbone_variables({"params": {}, "state": {}}, "target")
+  simclr_dir = str(tmp_path / "simclr")
+  train.run(_config("simclr", total_steps=1, checkpoint_every_steps=1), simclr_dir,
+            source=BlockSource())
+  with pytest.raises(weights.WeightsError, match="no target"):
+    export_cli.load_from_workdir(simclr_dir, None, "target")
 
 
 def test_sigterm_saves_before_exit(tmp_path):
@@ -207,7 +210,7 @@ def test_sigterm_saves_before_exit(tmp_path):
   cmd = [sys.executable, "-m", "ssl_jax.main", "--config=configs/byol.py:test",
          f"--workdir={workdir}", "--config.train.total_steps=100000",
          "--config.train.checkpoint_every_steps=100000", "--config.train.log_every_steps=1"]
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   metrics = workdir / "metrics.jsonl"
   deadline = time.time() + 300
@@ -217,9 +220,9 @@ def test_sigterm_saves_before_exit(tmp_path):
     time.sleep(0.5)
   assert proc.poll() is None, proc.stderr.read()[-3000:]
   proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=300)
+  out, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-3000:]
-  assert "SIGTERM received" in err
+  assert "SIGTERM received" in out
   logged = max(m["step"] for m in read_metrics(str(workdir)) if "loss" in m)
   manager = checkpoint.make_manager(str(workdir), keep=3, async_save=False)
   saved = manager.latest_step()

@@ -238,9 +238,9 @@ def normalize(x: jax.Array, mean: Sequence[float] = IMAGENET_MEAN,
   return (x - jnp.asarray(mean, x.dtype)) / jnp.asarray(std, x.dtype)
 
 
-def augment_views(rng: jax.Array, images: jax.Array,
-                  recipe: Sequence[ViewSpec | ColorSpec | None]) -> jax.Array:
-  """Colour-augments and normalises every view: [B, V, H, W, 3] -> float32 [B, V, H, W, 3].
+def color_views(rng: jax.Array, images: jax.Array,
+                recipe: Sequence[ViewSpec | ColorSpec | None]) -> jax.Array:
+  """Colour-augments every view: [B, V, H, W, 3] uint8 -> float32 [B, V, H, W, 3] in [0, 1].
 
   Args:
     rng: one PRNG key; views and examples get independent keys.
@@ -248,7 +248,7 @@ def augment_views(rng: jax.Array, images: jax.Array,
     recipe: V entries, each a `ViewSpec` (its `.color` is used), a `ColorSpec` or None.
   """
   if images.ndim != 5 or images.shape[-1] != 3:
-    raise ValueError(f"augment_views expects images [B, V, H, W, 3], got {images.shape}")
+    raise ValueError(f"augmented views need images [B, V, H, W, 3], got {images.shape}")
   if len(recipe) != images.shape[1]:
     raise ValueError(f"the recipe has {len(recipe)} views but the batch has {images.shape[1]}")
   keys = jax.random.split(rng, len(recipe))
@@ -256,4 +256,10 @@ def augment_views(rng: jax.Array, images: jax.Array,
   for v, entry in enumerate(recipe):
     spec = entry.color if isinstance(entry, ViewSpec) else entry
     out.append(color_augment(keys[v], images[:, v], spec))
-  return normalize(jnp.stack(out, axis=1))
+  return jnp.stack(out, axis=1)
+
+
+def augment_views(rng: jax.Array, images: jax.Array,
+                  recipe: Sequence[ViewSpec | ColorSpec | None]) -> jax.Array:
+  """`color_views` then ImageNet normalisation: [B, V, H, W, 3] -> float32 [B, V, H, W, 3]."""
+  return normalize(color_views(rng, images, recipe))

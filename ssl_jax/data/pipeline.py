@@ -23,21 +23,77 @@ from ssl_jax.data import transforms
 from ssl_jax.data import views as views_lib
 
 
+# Keys a batch carries for the host only (never shipped to the device); counters are summed
+# over the run and logged as `data/<name>`.
+HOST_KEYS = ("id", "error", "skipped", "segments_dropped", "crop", "flip")
+HOST_COUNTERS = ("skipped", "segments_dropped")
+
+
 @dataclasses.dataclass(frozen=True)
 class MakeViews(grain.transforms.RandomMap):
-  """Turns one source record into the method's fixed-size uint8 views (picklable for workers)."""
+  """Turns one source record into the method's fixed-size uint8 views (picklable for workers).
+
+  Which views: `recipe` (`ssl_jax.data.views`), V = its length, at `image_size`; `mask_type`
+  adds the segment ids carried through the same geometry (`max_segments` ids, `grid` cells for
+  the spatial-grid masks); `num_boxes` > 0 makes MaskCo's query/key views with key-view boxes
+  (`views.make_maskco_views`, sides `box_side` × image_size); `local_views` > 0 adds multi-crop
+  local views of `local_recipe` at `local_image_size`. `from_config` reads all of it from
+  `config.data`; `output_spec` tells the trainer what each batch holds.
+  """
   recipe: str
   image_size: int
   mask_type: str | None = None
   max_segments: int = 64
+  grid: tuple[int, int] = (5, 5)
+  num_boxes: int = 0
+  box_side: tuple[float, float] = (32 / 224, 128 / 224)
+  local_recipe: str = ""
+  local_views: int = 0
+  local_image_size: int = 0
+
+  @classmethod
+  def from_config(cls, config) -> "MakeViews":
+    from ssl_jax import config_lib  # pylint: disable=import-outside-toplevel
+    d = config.data
+    return cls(recipe=d.views, image_size=int(d.image_size), mask_type=d.masks,
+               max_segments=config_lib.max_segments(config), grid=tuple(d.grid),
+               num_boxes=int(d.num_boxes), box_side=tuple(float(v) for v in d.box_side),
+               local_recipe=d.local_recipe, local_views=int(d.local_views),
+               local_image_size=int(d.local_image_size))
+
+  def output_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{key: (per-example shape, dtype)} of the device-relevant arrays of each element."""
+    v, s = len(views_lib.get_recipe(self.recipe)), self.image_size
+    spec = {"image": ((v, s, s, 3), np.dtype(np.uint8)), "label": ((), np.dtype(np.int32))}
+    if self.mask_type:
+      spec["masks"] = ((v, s, s), views_lib.mask_dtype(self.max_segments))
+    if self.num_boxes:
+      spec["boxes"] = ((self.num_boxes, 4), np.dtype(np.float32))
+      spec["masked_box"] = ((4,), np.dtype(np.float32))
+    if self.local_views:
+      ls = self.local_image_size
+      spec["local_image"] = ((self.local_views, ls, ls, 3), np.dtype(np.uint8))
+    return spec
+
+  def _views(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    recipe = views_lib.get_recipe(self.recipe)
+    if self.num_boxes:
+      if self.mask_type:
+        raise ValueError("MaskCo views (num_boxes > 0) carry no masks; set config.data.masks=None")
+      return views_lib.make_maskco_views(record, recipe, rng, self.image_size,
+                                         num_boxes=self.num_boxes, box_side=self.box_side)
+    return views_lib.make_views(record, recipe, rng, self.image_size, mask_type=self.mask_type,
+                                max_segments=self.max_segments, grid=self.grid)
 
   def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     if "error" in record:
       return record
     try:
-      out = views_lib.make_views(record, views_lib.get_recipe(self.recipe), rng,
-                                 self.image_size, mask_type=self.mask_type,
-                                 max_segments=self.max_segments)
+      out = self._views(record, rng)
+      if self.local_views:
+        local = views_lib.get_recipe(self.local_recipe, num_views=self.local_views)
+        out["local_image"] = views_lib.make_views(record, local, rng,
+                                                  self.local_image_size)["image"]
     except ValueError as e:  # malformed record (e.g. mask/image shape mismatch): skip, count
       return {"id": record.get("id", "?"), "error": str(e)}
     if "label" not in out:

@@ -137,6 +137,12 @@ _RECIPES: dict[str, tuple[ViewSpec, ...]] = {
                       ViewSpec(color=_MASKED_COLOR, crop_mode="diagonal")),
     # strong = MoCo v3's (crop 0.08, FIDELITY row 12).
     "masked_strong": (ViewSpec(color=_MOCOV3_COLOR), ViewSpec(color=_MOCOV3_COLOR_2)),
+    # Multi-crop local views (SwAV Sec. 3.2 / DINO `DataAugmentationDINO`): 96 px crops of
+    # 5-40 % of the image, flip, colour jitter 0.8, greyscale 0.2, blur p 0.5; one spec repeated
+    # `config.data.local_views` times.
+    "multicrop_local": (ViewSpec(crop_scale=(0.05, 0.4),
+                                 color=dataclasses.replace(_BYOL_COLOR, blur_p=0.5),
+                                 interpolation="bicubic"),),
     # MaskCo (Sec. 4, "same as MoCo v2" with crops >= 20 % area, constrained to overlap:
     # `make_maskco_views`); view 0 = query, view 1 = key.
     "maskco": (ViewSpec(crop_scale=(0.2, 1.0), color=_MOCOV2_COLOR),) * 2,
@@ -146,15 +152,37 @@ _RECIPES: dict[str, tuple[ViewSpec, ...]] = {
 _DIAGONAL_OUTER, _DIAGONAL_INNER, _DIAGONAL_MAX_SHIFT = 256, 224, 32
 
 
+def mask_dtype(max_segments: int) -> np.dtype:
+  """The smallest signed integer dtype that holds segment ids 0..max_segments-1 and −1 (ignored).
+
+  Masks travel host -> device in it (a [B, 2, 224, 224] int32 mask batch is 4x an int8 one).
+  """
+  if max_segments < 1:
+    raise ValueError(f"max_segments={max_segments} must be >= 1")
+  for dtype in (np.int8, np.int16, np.int32):
+    if max_segments - 1 <= np.iinfo(dtype).max:
+      return np.dtype(dtype)
+  raise ValueError(f"max_segments={max_segments} does not fit int32")
+
+
 def recipe_names() -> tuple[str, ...]:
   return tuple(sorted(_RECIPES))
 
 
-def get_recipe(name: str) -> tuple[ViewSpec, ...]:
-  """The view specs of a named recipe, one per view."""
+def get_recipe(name: str, num_views: Optional[int] = None) -> tuple[ViewSpec, ...]:
+  """The view specs of a named recipe, one per view.
+
+  `num_views` asks for that many views: a one-view recipe is repeated (multi-crop local views);
+  any other recipe must already have that many.
+  """
   if name not in _RECIPES:
     raise ValueError(f"unknown view recipe {name!r}; known recipes: {', '.join(recipe_names())}")
-  return _RECIPES[name]
+  recipe = _RECIPES[name]
+  if num_views is None or num_views == len(recipe):
+    return recipe
+  if len(recipe) == 1 and num_views > 0:
+    return recipe * num_views
+  raise ValueError(f"view recipe {name!r} has {len(recipe)} views, not {num_views}")
 
 
 def sample_geometry(recipe: Sequence[ViewSpec], rng: np.random.Generator, height: int,
@@ -220,8 +248,9 @@ def make_views(record: dict, recipe: Sequence[ViewSpec], rng: np.random.Generato
 
   Returns:
     {"image": uint8 [V, S, S, 3], "crop": float32 [V, 4] (top, left, h, w) in original pixels,
-     "flip": bool [V], "masks": int32 [V, S, S] (if mask_type; ids 0..K-1 shared by the views of
-     this image, -1 ignored), "label": int32 (if the record has one)}.
+     "flip": bool [V], "masks": [V, S, S] in `mask_dtype(max_segments)` (if mask_type; ids
+     0..K-1 shared by the views of this image, -1 ignored), "segments_dropped": int32 (segments
+     beyond max_segments, set to -1), "label": int32 (if the record has one)}.
   """
   image = transforms.to_rgb(record["image"])
   masks = None if mask_type is None else _source_masks(record, image, mask_type, grid)
@@ -238,7 +267,9 @@ def make_views(record: dict, recipe: Sequence[ViewSpec], rng: np.random.Generato
          "flip": np.asarray([g[1] for g in geometry], bool)}
   if masks is not None:
     # Compact jointly over the views so one object keeps one id in every view.
-    out["masks"], _ = transforms.compact_segment_ids(np.stack(view_masks), max_segments)
+    masks_out, dropped = transforms.compact_segment_ids(np.stack(view_masks), max_segments)
+    out["masks"] = masks_out.astype(mask_dtype(max_segments))
+    out["segments_dropped"] = np.int32(dropped)
   if "label" in record:
     out["label"] = np.int32(record["label"])
   return out

@@ -118,20 +118,18 @@ def mixup_cutmix(rng: jax.Array, images: jax.Array, targets: jax.Array, mixup_al
 
 
 def make_finetune_optimizer(config: ml_collections.ConfigDict, num_layers: int, total_steps: int,
-                            steps_per_epoch: int
+                            steps: dict[str, int]
                             ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW + warmup-cosine + layer decay from `config.optim` (see module docstring).
 
   Args:
     config: the fine-tune config (`optim` section with layer_decay).
     num_layers: L, the backbone's number of transformer blocks.
-    total_steps, steps_per_epoch: run length (warmup_epochs are converted with the latter).
+    total_steps: run length.
+    steps: `linear_eval.steps_of(...)` (its resolved warmup_steps is used).
   """
-  cfg = ml_collections.ConfigDict(config.optim.to_dict())
+  cfg = linear_eval.optim_config(config, steps)
   with cfg.unlocked():
-    if cfg.get("warmup_epochs", 0) and not cfg.get("warmup_steps", 0):
-      cfg.warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
-    cfg.warmup_steps = min(int(cfg.get("warmup_steps", 0)), total_steps)
     cfg.num_layers = num_layers
   return optim.make_optimizer(cfg, total_steps, config.train.batch_size)
 
@@ -162,12 +160,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train_source=None, t
       lambda x: module.apply(variables, x, train=False),
       jax.ShapeDtypeStruct((1, d.image_size, d.image_size, 3), jnp.float32)) else "pooled")
   net = FineTuneModel(module, num_classes, features)
-  total, steps_per_epoch = linear_eval.steps_of(config, len(train_source))
+  steps = linear_eval.steps_of(config, len(train_source))
+  total, steps_per_epoch = steps["total_steps"], steps["steps_per_epoch"]
   bs = config.train.batch_size
   if bs % mesh.size:
     raise ValueError(f"config.train.batch_size={bs} is not divisible by the {mesh.size} devices")
   num_layers = int(getattr(module, "depth", 0) or 0)
-  tx, schedule = make_finetune_optimizer(config, num_layers, total, steps_per_epoch)
+  tx, schedule = make_finetune_optimizer(config, num_layers, total, steps)
 
   rng = jax.random.PRNGKey(config.train.seed)
   init_key, step_key = jax.random.split(rng)

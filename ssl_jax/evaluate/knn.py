@@ -6,59 +6,17 @@ wins (k=20, T=0.07 as in DINO's `eval_knn.py`; InstDisc's weighting). Test sampl
 in fixed-size batches (the last one padded) so one compiled top-k serves the whole set and the
 [batch, N] similarity block, not [M, N], is what has to fit in memory.
 
-`extract_features` turns an `encode_fn` and images into host feature arrays, for this and for the
-linear probe.
+Features come from `ssl_jax.evaluate.features`.
 """
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
-  """Pads axis 0 of `x` with zeros up to `rows` (zeros: the padded outputs are dropped anyway)."""
-  if x.shape[0] == rows:
-    return x
-  pad = np.zeros((rows - x.shape[0],) + x.shape[1:], x.dtype)
-  return np.concatenate([x, pad], axis=0)
-
-
-def extract_features(encode_fn: Callable[[jax.Array], Any],
-                     images: np.ndarray | Iterable[np.ndarray], batch_size: int) -> Any:
-  """Runs a frozen encoder over images in batches of exactly `batch_size` rows.
-
-  The final (short) batch is zero-padded to `batch_size` so `encode_fn` compiles once, and the
-  padded rows are dropped from the result. `encode_fn` must treat rows independently (eval mode:
-  batch norm with running statistics), otherwise the padding would change the real rows.
-
-  Args:
-    encode_fn: images [b, H, W, 3] float -> features [b, D] or any pytree of [b, ...] arrays
-      (e.g. a dict of per-layer features). It is jitted here.
-    images: [N, H, W, 3] array, or an iterable of such arrays (batches of any size).
-    batch_size: rows per call of `encode_fn`.
-
-  Returns:
-    np.ndarray [N, D] (or the pytree of encode_fn's output, each leaf [N, ...]) on the host.
-  """
-  if batch_size <= 0:
-    raise ValueError(f"extract_features: batch_size={batch_size} must be positive")
-  encode = jax.jit(encode_fn)
-  chunks = [images] if isinstance(images, (np.ndarray, jax.Array)) else images
-  outputs = []
-  for chunk in chunks:
-    chunk = np.asarray(chunk)
-    for start in range(0, chunk.shape[0], batch_size):
-      rows = chunk[start:start + batch_size]
-      out = encode(_pad_rows(rows, batch_size))
-      outputs.append(jax.tree.map(lambda o, n=rows.shape[0]: np.asarray(o[:n]), out))
-  if not outputs:
-    raise ValueError("extract_features: `images` holds no rows")
-  return jax.tree.map(lambda *leaves: np.concatenate(leaves, axis=0), *outputs)
+from ssl_jax.evaluate.features import pad_rows
 
 
 def _l2_normalize(x: jax.Array) -> jax.Array:
@@ -123,7 +81,7 @@ def knn_votes(train_features: np.ndarray, train_labels: np.ndarray, test_feature
   votes = []
   for start in range(0, m, batch_size):
     rows = test_features[start:start + batch_size]
-    v = _knn_votes_batch(train, labels, jnp.asarray(_pad_rows(rows, batch_size)),
+    v = _knn_votes_batch(train, labels, jnp.asarray(pad_rows(rows, batch_size)),
                          num_classes=num_classes, k=k, temperature=temperature)
     votes.append(np.asarray(v[:rows.shape[0]]))
   if not votes:

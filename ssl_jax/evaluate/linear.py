@@ -30,7 +30,8 @@ import numpy as np
 import optax
 
 from ssl_jax import optim
-from ssl_jax.evaluate.knn import extract_features, topk_accuracy
+from ssl_jax.evaluate.features import extract_features
+from ssl_jax.evaluate.knn import topk_accuracy
 
 NORMALIZE = ("bn_noaffine", "l2", None)
 OPTIMIZERS = ("sgd", "lars", "adamw")

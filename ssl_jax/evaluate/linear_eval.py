@@ -33,9 +33,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from ssl_jax import checkpoint, optim, parallel, registry
+from ssl_jax import config_lib, optim, parallel, registry, weights
 from ssl_jax.data import pipeline, transforms
 from ssl_jax.data.augment import normalize
+from ssl_jax.evaluate import features as features_lib
 from ssl_jax.evaluate.knn import topk_accuracy
 from ssl_jax.metrics import MetricsWriter
 from ssl_jax.models.heads import LinearClassifier
@@ -47,45 +48,23 @@ SUMMARY_FILE = "linear_eval_summary.json"
 # ---------------------------------------------------------------------------------------------
 # Loading the frozen backbone
 
-def model_config_of_workdir(workdir: str) -> dict:
-  """The "model" section of a pretraining workdir's `config.json` ({"name", **fields})."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: --config.backbone.workdir must be a pretraining "
-                            "workdir (it writes config.json)")
-  with open(path, encoding="utf-8") as f:
-    model = json.load(f).get("model")
-  if not model or "name" not in model:
-    raise ValueError(f"{path} has no 'model' section with a 'name'")
-  return dict(model)
-
-
 def load_backbone(backbone_cfg: ml_collections.ConfigDict) -> tuple[Any, dict, dict]:
   """(Linen backbone module, variables {"params", "batch_stats"?}, model config) to freeze.
 
   Args:
     backbone_cfg: `config.backbone` with either `workdir` (+ `step`, 0 = latest, and `part`,
-      "online" or "target") or `safetensors` (a file written by `python -m ssl_jax.export`, or
-      any torchvision ResNet / timm ViT state dict) together with `model` ({"name", **fields};
-      for a workdir it defaults to the workdir's own and may override e.g. `drop_path_rate`).
+      "online" or "target") or `safetensors` (a file written by `python -m ssl_jax.export`, any
+      torchvision ResNet / timm ViT state dict, or a PyTorch file) together with `model`
+      ({"name", **fields}; for a workdir or our export it defaults to the recorded one and may
+      override e.g. `drop_path_rate`). Loading is `ssl_jax.weights.load_backbone`.
   """
-  model = dict(backbone_cfg.get("model") or {})
-  if backbone_cfg.get("workdir"):
-    model = {**model_config_of_workdir(backbone_cfg.workdir), **model}
-    step = int(backbone_cfg.get("step", 0) or 0) or None
-    _, variables = checkpoint.load_variables(backbone_cfg.workdir, step,
-                                             backbone_cfg.get("part", "online"))
-  elif backbone_cfg.get("safetensors"):
-    if "name" not in model:
-      raise ValueError("config.backbone.model.name is required with config.backbone.safetensors"
-                       " (e.g. 'resnet50' or 'vit_base' with patch_size)")
-    # pylint: disable=import-outside-toplevel
-    from safetensors.numpy import load_file
-    from ssl_jax.export.torch import from_torch_state_dict
-    variables = from_torch_state_dict(load_file(backbone_cfg.safetensors), model)
-  else:
-    raise ValueError("set config.backbone.workdir (a pretraining workdir) or "
-                     "config.backbone.safetensors (an exported file)")
+  source = backbone_cfg.get("workdir") or backbone_cfg.get("safetensors")
+  if not source:
+    raise weights.WeightsError("set config.backbone.workdir (a pretraining workdir) or "
+                               "config.backbone.safetensors (an exported or PyTorch file)")
+  variables, model = weights.load_backbone(
+      source, model=dict(backbone_cfg.get("model") or {}),
+      step=int(backbone_cfg.get("step", 0) or 0) or None, part=backbone_cfg.get("part", "online"))
   kwargs = {k: v for k, v in model.items() if k not in ("name", "img_size")}
   module = registry.get_backbone(model["name"], **kwargs)
   return module, jax.tree.map(jnp.asarray, variables), model
@@ -157,19 +136,10 @@ def train_batches(source, *, image_size: int, batch_size: int, seed: int,
 def evaluate(logits_fn: Callable[[jax.Array], jax.Array], source, *, image_size: int,
              batch_size: int, crop_fraction: float, mesh, limit: int = 0) -> dict[str, float]:
   """Top-1 / top-5 of `logits_fn` (uint8 images [B, H, W, 3] -> [B, C]) over a centre-crop pass."""
-  all_logits, all_labels = [], []
-  for batch in pipeline.eval_batches(source, image_size=image_size, batch_size=batch_size,
-                                     limit=limit, crop_fraction=crop_fraction):
-    images, n = batch["image"], batch["image"].shape[0]
-    if n < batch_size:  # one compiled shape; padded rows are dropped (eval mode: rows independent)
-      images = np.concatenate([images, np.zeros((batch_size - n,) + images.shape[1:],
-                                                images.dtype)])
-    logits = logits_fn(parallel.global_batch({"image": images}, mesh)["image"])
-    all_logits.append(np.asarray(jax.device_get(logits))[:n])
-    all_labels.append(batch["label"])
-  if not all_logits:
-    raise ValueError(f"evaluation source {source!r} yielded no records")
-  return topk_accuracy(np.concatenate(all_logits), np.concatenate(all_labels))
+  logits, labels = features_lib.source_features(logits_fn, source, image_size=image_size,
+                                                batch_size=batch_size, limit=limit,
+                                                crop_fraction=crop_fraction, mesh=mesh)
+  return topk_accuracy(logits, labels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,20 +159,20 @@ def resolve_features(config, model: dict) -> str:
   return feats
 
 
-def steps_of(config, num_records: int) -> tuple[int, int]:
-  """(total_steps, steps_per_epoch) from `config.train` and the training set size."""
-  steps_per_epoch = max(1, num_records // config.train.batch_size)
-  total = int(config.train.get("total_steps", 0) or 0)
-  if total <= 0:
-    total = max(1, int(round(config.train.num_epochs * steps_per_epoch)))
-  return total, steps_per_epoch
+def steps_of(config, num_records: int) -> dict[str, int]:
+  """{"total_steps", "steps_per_epoch", "warmup_steps"} of an evaluation config
+  (`config_lib.steps_from_epochs`)."""
+  return config_lib.steps_from_epochs(
+      config.train.num_epochs, int(config.train.get("total_steps", 0) or 0), num_records,
+      config.train.batch_size, config.optim.get("warmup_epochs", 0.0),
+      int(config.optim.get("warmup_steps", 0) or 0))
 
 
-def _optim_cfg(config, steps_per_epoch: int) -> ml_collections.ConfigDict:
+def optim_config(config, steps: dict[str, int]) -> ml_collections.ConfigDict:
+  """`config.optim` with `warmup_steps` resolved from the epoch count."""
   cfg = ml_collections.ConfigDict(config.optim.to_dict())
   with cfg.unlocked():
-    if cfg.get("warmup_epochs", 0) and not cfg.get("warmup_steps", 0):
-      cfg.warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
+    cfg.warmup_steps = steps["warmup_steps"]
   return cfg
 
 
@@ -230,11 +200,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train_source=None, t
   features = resolve_features(config, model)
   head = LinearClassifier(num_classes, batch_norm=resolve_head_batch_norm(config, model),
                           bn_epsilon=config.head.get("bn_epsilon", 1e-6))
-  total, steps_per_epoch = steps_of(config, len(train_source))
+  steps = steps_of(config, len(train_source))
+  total, steps_per_epoch = steps["total_steps"], steps["steps_per_epoch"]
   bs = config.train.batch_size
   if bs % mesh.size:
     raise ValueError(f"config.train.batch_size={bs} is not divisible by the {mesh.size} devices")
-  tx, schedule = optim.make_optimizer(_optim_cfg(config, steps_per_epoch), total, bs)
+  tx, schedule = optim.make_optimizer(optim_config(config, steps), total, bs)
 
   rng = jax.random.PRNGKey(config.train.seed)
   feature_dim = jax.eval_shape(

@@ -53,12 +53,10 @@ def export(variables: Mapping, arch: Any, out_path: str, metadata: Optional[Mapp
 
 def load_from_workdir(workdir: str, step: Optional[int], part: str) -> tuple[Mapping, Any, int]:
   """(variables, arch, step) of a training run: the backbone of `part` at `step` (None: latest)
-  and the run's `config.model`. Checkpoint reading lives in `ssl_jax.checkpoint`."""
-  from ssl_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  with open(os.path.join(workdir, "config.json")) as f:
-    arch = json.load(f)["model"]
-  step, variables = checkpoint.load_variables(workdir, step, part)
-  return variables, arch, step
+  and the run's `config.model` (`ssl_jax.weights` asks the run's method where its backbone is)."""
+  from ssl_jax import weights  # pylint: disable=import-outside-toplevel
+  step, variables = weights.workdir_encoder(workdir, step, part)
+  return variables, weights.model_config_of_workdir(workdir), step
 
 
 def run_metadata(workdir: str) -> dict:
@@ -114,4 +112,5 @@ def export_heads(workdir: str, step: Optional[int], out_path: str) -> int:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from ssl_jax import cli  # pylint: disable=import-outside-toplevel
+  cli.run(main)

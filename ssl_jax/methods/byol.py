@@ -25,6 +25,11 @@ def validate(config) -> None:
     raise ValueError(f"config.method_args.ema_base={a.ema_base} must be in [0, 1)")
 
 
+def batch_spec(config):
+  """Two views of every image (`base.view_batch_spec`)."""
+  return base.view_batch_spec(config, num_views=2)
+
+
 def make(config) -> base.Method:
   a = config.method_args
   dtype = base.compute_dtype(config)
@@ -40,8 +45,8 @@ def make(config) -> base.Method:
     target = base.init_target(params, stats)
     return params, {"batch_stats": stats, "target": target}
 
-  def loss_and_aux(params, state, batch, rng, step):
-    del step
+  def loss_and_aux(params, state, batch, rng, step, constants=None):
+    del step, constants
     x = base.augmented_views(rng, batch["image"], config.data.views)
     stats, target = state["batch_stats"], state["target"]
     online, target_z = [], []
@@ -65,7 +70,7 @@ def make(config) -> base.Method:
     tau = optim.ema_momentum(step, total_steps, a.ema_base)
     return base.update_target(state, params, tau)
 
-  encode, encoder = base.eval_functions(net, base.SiameseNet.encode)
+  eval_fns = base.eval_functions(net, base.SiameseNet.encode)
 
   return base.Method(init=init, loss_and_aux=loss_and_aux, after_update=after_update,
-                     encode=encode, encoder=encoder, backbone=net.backbone, num_views=2)
+                     backbone=net.backbone, batch_spec=batch_spec, **eval_fns)

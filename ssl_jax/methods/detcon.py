@@ -90,6 +90,11 @@ class DetConNet(nn.Module):
     return self.backbone(x, train=train)["pooled"].astype(jnp.float32)
 
 
+def batch_spec(config):
+  """Two views of every image with their segment ids (`base.view_batch_spec`)."""
+  return base.view_batch_spec(config, num_views=2, masks=True)
+
+
 def make(config) -> base.Method:
   a = config.method_args
   variant_b = config.method == "detcon_b"
@@ -120,11 +125,11 @@ def make(config) -> base.Method:
       return mask_pooling.sample_shared_mask_ids(keys[0], flat[0], flat[1], num_ids, r)
     return tuple(mask_pooling.sample_mask_ids(keys[v], flat[v], num_ids, r) for v in range(2))
 
-  def loss_and_aux(params, state, batch, rng, step):
-    del step
+  def loss_and_aux(params, state, batch, rng, step, constants=None):
+    del step, constants
     aug_rng, sample_rng = jax.random.split(rng)
     x = base.augmented_views(aug_rng, batch["image"], config.data.views)
-    masks = batch["masks"]
+    masks = batch["masks"].astype(jnp.int32)  # sent in the smallest dtype that holds the ids
     stats = state["batch_stats"]
     feats = []
     for v in range(2):
@@ -163,10 +168,10 @@ def make(config) -> base.Method:
     tau = optim.ema_momentum(step, total_steps, a.ema_base)
     return base.update_target(state, params, tau)
 
-  encode, encoder = base.eval_functions(net, DetConNet.encode)
+  eval_fns = base.eval_functions(net, DetConNet.encode, target=variant_b)
 
   return base.Method(init=init, loss_and_aux=loss_and_aux, after_update=after_update,
-                     encode=encode, encoder=encoder, backbone=net.backbone, num_views=2)
+                     backbone=net.backbone, batch_spec=batch_spec, **eval_fns)
 
 
 def _ids_per_image(grid: jax.Array, num_ids: int) -> jax.Array:

@@ -45,6 +45,11 @@ def _heads(config):
   return projector, predictor
 
 
+def batch_spec(config):
+  """Two views of every image (`base.view_batch_spec`)."""
+  return base.view_batch_spec(config, num_views=2)
+
+
 def make(config) -> base.Method:
   a = config.method_args
   v3 = config.method == "mocov3"
@@ -70,8 +75,8 @@ def make(config) -> base.Method:
                                   method=base.SiameseNet.project)
     return jax.lax.stop_gradient(out["z"]), {"params": target["params"], "batch_stats": stats}
 
-  def loss_and_aux(params, state, batch, rng, step):
-    del step
+  def loss_and_aux(params, state, batch, rng, step, constants=None):
+    del step, constants
     x = base.augmented_views(rng, batch["image"], config.data.views)
     stats, target = state["batch_stats"], state["target"]
     if v3:
@@ -102,7 +107,7 @@ def make(config) -> base.Method:
     m = optim.ema_momentum(step, total_steps, a.momentum) if v3 else jnp.float32(a.momentum)
     return base.update_target(state, params, m)
 
-  encode, encoder = base.eval_functions(net, base.SiameseNet.encode)
+  eval_fns = base.eval_functions(net, base.SiameseNet.encode)
 
   def trainable_mask(params):
     """MoCo v3 freezes the random patch projection (its Sec. 4.1); v2 trains everything."""
@@ -113,5 +118,5 @@ def make(config) -> base.Method:
     return mask
 
   return base.Method(init=init, loss_and_aux=loss_and_aux, after_update=after_update,
-                     encode=encode, encoder=encoder, backbone=net.backbone, num_views=2,
+                     backbone=net.backbone, batch_spec=batch_spec, **eval_fns,
                      trainable_mask=trainable_mask)

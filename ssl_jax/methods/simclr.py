@@ -21,6 +21,11 @@ def validate(config) -> None:
     raise ValueError(f"config.method_args.temperature={config.method_args.temperature} must be > 0")
 
 
+def batch_spec(config):
+  """Two views of every image (`base.view_batch_spec`)."""
+  return base.view_batch_spec(config, num_views=2)
+
+
 def make(config) -> base.Method:
   a = config.method_args
   net = base.SiameseNet(
@@ -32,8 +37,8 @@ def make(config) -> base.Method:
     variables = net.init({"params": rng}, base.dummy_images(batch), train=True)
     return variables["params"], {"batch_stats": variables.get("batch_stats", {})}
 
-  def loss_and_aux(params, state, batch, rng, step):
-    del step
+  def loss_and_aux(params, state, batch, rng, step, constants=None):
+    del step, constants
     x = base.augmented_views(rng, batch["image"], config.data.views)
     b = x.shape[0]
     both = jnp.concatenate([x[:, 0], x[:, 1]], axis=0)
@@ -50,7 +55,7 @@ def make(config) -> base.Method:
     del params, step
     return state
 
-  encode, encoder = base.eval_functions(net, base.SiameseNet.encode)
+  eval_fns = base.eval_functions(net, base.SiameseNet.encode, target=False)
 
   return base.Method(init=init, loss_and_aux=loss_and_aux, after_update=after_update,
-                     encode=encode, encoder=encoder, backbone=net.backbone, num_views=2)
+                     backbone=net.backbone, batch_spec=batch_spec, **eval_fns)

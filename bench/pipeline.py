@@ -65,10 +65,10 @@ def main():
   parser.add_argument("--num_batches", type=int, default=20)
   parser.add_argument("--steps", type=int, default=3)
   args = parser.parse_args()
-  from ssl_jax.data import sources  # pylint: disable=import-outside-toplevel
-  source = sources.FHMaskDataset(scale=1000, min_size=1000, precompute_from="builtin_photos",
-                                 precompute_args={"split": "train", "num_per_photo": 8,
-                                                  "crop_size": 320})
+  from ssl_jax.data import fh_masks  # pylint: disable=import-outside-toplevel
+  source = fh_masks.FHMaskDataset(scale=1000, min_size=1000, precompute_from="builtin_photos",
+                                  precompute_args={"split": "train", "num_per_photo": 8,
+                                                   "crop_size": 320})
   print(f"devices: {jax.devices()}; {len(source)} records with FH masks; {args.image_size} px, "
         f"batch {args.batch}, {args.workers} workers")
   pipe = pipeline_images_per_second(source, args.image_size, args.batch, args.workers,

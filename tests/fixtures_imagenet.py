@@ -10,7 +10,7 @@
     planes, and one corrupted record;
 and returns the paths plus what every reader must produce: {id: (label, uint8 [H, W, 3])}.
 The awkward files of real ImageNet are included: a CMYK JPEG, a greyscale JPEG and a PNG named
-`.JPEG`. The TFRecord writer side (framing, CRC, Example) is `ssl_jax.data.imagenet`'s.
+`.JPEG`. The TFRecord writer side (framing, CRC, Example) is `ssl_jax.data.tfrecord`'s.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from ssl_jax.data import imagenet
+from ssl_jax.data import tfrecord
 
 WNIDS = ("n01440764", "n01443537", "n01484850")  # standard labels 0, 1, 2
 VAL_WNIDS = ("n01484850", "n01440764", "n15075141")  # labels 2, 0, 999
@@ -99,7 +100,7 @@ def _tfds_copy(data_dir: str, fmt: str, splits: dict[str, list[list[bytes]]]) ->
     for k, shard in enumerate(shards):
       path = os.path.join(vdir, f"imagenet2012-{split}.{fmt}-{k:05d}-of-{len(shards):05d}")
       if fmt == "tfrecord":
-        imagenet.write_tfrecord(path, shard)
+        tfrecord.write_tfrecord(path, shard)
       else:
         from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
         w = array_record_module.ArrayRecordWriter(path, "group_size:1")
@@ -159,7 +160,7 @@ def make_imagenet_fixture(root: str) -> dict:
   out["train_dir"], out["val_dir"] = os.path.join(ext, "train"), os.path.join(ext, "val")
 
   def tfds_example(name, data, label):
-    return imagenet.make_example({"image": data, "label": label, "file_name": name})
+    return tfrecord.make_example({"image": data, "label": label, "file_name": name})
   tr = [tfds_example(n, d, WNIDS.index(w)) for w, n, d in train]
   va = [tfds_example(n, d, expected_val[n][0]) for n, d in val]
   out["tfds_array_record"] = _tfds_copy(os.path.join(root, "tfds_ar"), "array_record",
@@ -176,15 +177,15 @@ def make_imagenet_fixture(root: str) -> dict:
     h, wd = expected_train[name][1].shape[:2]
     ids = np.stack([detcon_ids(h, wd, j), detcon_ids(h, wd, 100 + j)])
     out["detcon_masks"][name] = ids
-    recs.append(imagenet.make_example({
+    recs.append(tfrecord.make_example({
         "image/encoded": data, "image/class/label": WNIDS.index(w) + 1,
         "image/filename": name, "image/class/synset": w, "image/height": h, "image/width": wd,
         "image/felzenszwalb_segmentations": ids.astype(np.uint8).tobytes()}))
-  bad = imagenet.make_example({"image/encoded": train[0][2], "image/class/label": 2,
+  bad = tfrecord.make_example({"image/encoded": train[0][2], "image/class/label": 2,
                                "image/filename": CORRUPT_ID})
-  imagenet.write_tfrecord(os.path.join(detcon, "train-00000-of-00002"), recs[:4])
+  tfrecord.write_tfrecord(os.path.join(detcon, "train-00000-of-00002"), recs[:4])
   p = os.path.join(detcon, "train-00001-of-00002")
-  imagenet.write_tfrecord(p, recs[4:6] + [bad] + recs[6:])
+  tfrecord.write_tfrecord(p, recs[4:6] + [bad] + recs[6:])
   with open(p, "r+b") as f:  # flip one byte inside the bad record's data: its CRC fails
     pos = 2 * 16 + sum(len(r) for r in recs[4:6]) + 12 + len(bad) // 2
     f.seek(pos)

@@ -1,5 +1,5 @@
-"""ImageNet in every form: CRC32C, TFRecord, Example, archives, folders, tfds copies, DetCon files,
-the preflight errors, the converter, and FH precompute -> DetCon-B training on the raw archive."""
+"""ImageNet in every form: archives, folders, tfds copies, DetCon files, the tfds preflight errors,
+the converter, and FH precompute -> DetCon-B training on the raw archive."""
 from __future__ import annotations
 
 import json
@@ -14,6 +14,7 @@ import pytest
 from ssl_jax.data import fh_masks
 from ssl_jax.data import imagenet
 from ssl_jax.data import sources
+from ssl_jax.data import tfds_source
 
 import fixtures_imagenet
 
@@ -44,69 +45,6 @@ def _assert_same(got: dict, expected: dict):
   for k, (label, image) in expected.items():
     assert got[k][0] == label, k
     np.testing.assert_array_equal(got[k][1], image, err_msg=k)
-
-
-# --- CRC32C, TFRecord framing, Example wire format --------------------------------------------
-
-def _crc32c_bitwise(data: bytes) -> int:
-  """Reference: the Castagnoli CRC bit by bit (RFC 3720 B.4), no tables."""
-  c = 0xFFFFFFFF
-  for b in data:
-    c ^= b
-    for _ in range(8):
-      c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-  return c ^ 0xFFFFFFFF
-
-
-@pytest.mark.parametrize("n", [0, 1, 3, 4, 5, 255, 256, 257, 320, 1000, 4096, 4097, 9000])
-def test_crc32c_matches_bitwise_reference(n):
-  data = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8).tobytes()
-  assert imagenet.crc32c(data) == _crc32c_bitwise(data)
-
-
-def test_crc32c_known_values_and_mask():
-  assert imagenet.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
-  assert imagenet.crc32c(bytes(32)) == 0x8A9136AA  # RFC 3720 B.4: 32 bytes of zeros
-  data = b"\x07" * 300
-  c = _crc32c_bitwise(data)
-  assert imagenet.masked_crc32c(data) == ((((c >> 15) | (c << 17)) & 0xFFFFFFFF)
-                                          + 0xA282EAD8) % 2**32
-
-
-def test_example_wire_format_and_round_trip():
-  # Example{features{feature{key:"a" value{bytes_list{value:"x"}}}}} by hand: field tags 1 (0x0a),
-  # lengths as single-byte varints.
-  assert imagenet.make_example({"a": b"x"}) == b"\n\x0c\n\n\n\x01a\x12\x05\n\x03\n\x01x"
-  ex = imagenet.parse_example(imagenet.make_example(
-      {"img": b"\x00\xff", "label": 7, "f": [0.5, 2.0], "name": "n.JPEG", "ids": [300, -1]}))
-  assert ex == {"img": [b"\x00\xff"], "label": [7], "f": [0.5, 2.0], "name": [b"n.JPEG"],
-                "ids": [300, -1]}
-
-
-def test_tfrecord_framing_and_corruption(tmp_path):
-  path = str(tmp_path / "r.tfrecord")
-  recs = [b"", b"abc", bytes(range(256)) * 3]
-  assert imagenet.write_tfrecord(path, recs) == 3
-  raw = open(path, "rb").read()
-  # Reference framing: length u64 LE, masked CRC of it, data, masked CRC of data.
-  assert raw[:8] == struct.pack("<Q", 0) and len(raw) == sum(16 + len(r) for r in recs)
-  assert list(imagenet.read_tfrecords(path)) == recs
-
-  flipped = bytearray(raw)
-  flipped[16 + 12 + 1] ^= 1  # inside "abc"
-  open(path, "wb").write(bytes(flipped))
-  with pytest.raises(ValueError, match="data CRC mismatch"):
-    list(imagenet.read_tfrecords(path))
-
-  bad_len = bytearray(raw)
-  bad_len[16] ^= 1  # length of record 1
-  open(path, "wb").write(bytes(bad_len))
-  offsets, _, problem = imagenet.index_tfrecord(path)
-  assert len(offsets) == 1 and "length CRC mismatch" in problem
-
-  open(path, "wb").write(raw[:-3])  # truncated tail
-  offsets, _, problem = imagenet.index_tfrecord(path)
-  assert len(offsets) == 2 and "past the end" in problem
 
 
 # --- labels -----------------------------------------------------------------------------------
@@ -195,7 +133,7 @@ def test_tfrecord_source_skips_after_corrupt_framing(fx, tmp_path):
     src = imagenet.detcon_tfrecord_source(str(d), cache_dir=str(tmp_path / "cache"))
   assert len(src) == 1 + 6  # one record of file 0, all 6 (one corrupt) of file 1
   with pytest.raises(ValueError, match="plain split name"):
-    imagenet.tfds_tfrecord_source(split="train[:2]", data_dir=fx["tfds_tfrecord"])
+    tfds_source.tfds_tfrecord_source(split="train[:2]", data_dir=fx["tfds_tfrecord"])
 
 
 def test_tar_index_is_cached(fx, monkeypatch):
@@ -226,43 +164,51 @@ def test_detcon_masks_are_the_wrapped_ids(fx):
 # --- preflight: the clear errors ----------------------------------------------------------------
 
 def test_missing_dataset_error(tmp_path):
-  with pytest.raises(imagenet.DatasetNotReadyError) as e:
+  with pytest.raises(tfds_source.DatasetNotReadyError) as e:
     sources.make_source("tfds", name="imagenet2012", split="train", data_dir=str(tmp_path))
   msg = str(e.value)
   assert f"data_dir={tmp_path}" in msg and "empty folder" in msg
   assert "tfds build imagenet2012" in msg and "--source=ilsvrc_tar" in msg
   assert "NotImplementedError" not in msg and "FileFormat" not in msg
-  assert not imagenet.is_prepared("imagenet2012", str(tmp_path))
+  assert not tfds_source.is_prepared("imagenet2012", str(tmp_path))
+
+
+def test_check_cli_is_one_line_exit_2(tmp_path, capsys):
+  with pytest.raises(SystemExit) as e:
+    tfds_source.main(["check", f"--data_dir={tmp_path}"])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: tfds dataset 'imagenet2012' is not prepared")
 
 
 def test_tfrecord_prepared_dataset_error(fx):
-  with pytest.raises(imagenet.DatasetNotReadyError) as e:
+  with pytest.raises(tfds_source.DatasetNotReadyError) as e:
     sources.make_source("tfds", name="imagenet2012", split="train", data_dir=fx["tfds_tfrecord"])
   msg = str(e.value)
   assert f"data_dir={fx['tfds_tfrecord']}" in msg and "prepared as tfrecord" in msg
-  assert (f"python -m ssl_jax.data.imagenet convert --name=imagenet2012 "
+  assert (f"python -m ssl_jax.data.tfds_source convert --name=imagenet2012 "
           f"--data_dir={fx['tfds_tfrecord']}") in msg
   assert "NotImplementedError" not in msg
-  assert imagenet.is_prepared("imagenet2012", fx["tfds_array_record"], "validation")
+  assert tfds_source.is_prepared("imagenet2012", fx["tfds_array_record"], "validation")
 
 
 def test_missing_split_shard_and_feature(fx, tmp_path):
   d = str(tmp_path / "copy")
   shutil.copytree(fx["tfds_array_record"], d)
-  with pytest.raises(imagenet.DatasetNotReadyError, match=r"no split \['test'\].*'train'"):
-    imagenet.check_tfds_dataset("imagenet2012", d, "test")
-  with pytest.raises(imagenet.DatasetNotReadyError, match=r"no feature \['img'\]"):
-    imagenet.check_tfds_dataset("imagenet2012", d, "train[:2]", keys=["img"])
+  with pytest.raises(tfds_source.DatasetNotReadyError, match=r"no split \['test'\].*'train'"):
+    tfds_source.check_tfds_dataset("imagenet2012", d, "test")
+  with pytest.raises(tfds_source.DatasetNotReadyError, match=r"no feature \['img'\]"):
+    tfds_source.check_tfds_dataset("imagenet2012", d, "train[:2]", keys=["img"])
   vdir = os.path.join(d, "imagenet2012", "5.1.0")
   os.remove(os.path.join(vdir, "imagenet2012-train.array_record-00001-of-00002"))
-  with pytest.raises(imagenet.DatasetNotReadyError, match="1 array_record shards found"):
-    imagenet.check_tfds_dataset("imagenet2012", d, "validation+train")
+  with pytest.raises(tfds_source.DatasetNotReadyError, match="1 array_record shards found"):
+    tfds_source.check_tfds_dataset("imagenet2012", d, "validation+train")
 
 
 def test_convert_tfrecord_copy_then_tfds_reads_it(fx, tmp_path):
   d = str(tmp_path / "tfr")
   shutil.copytree(fx["tfds_tfrecord"], d)
-  imagenet.main(["convert", f"--data_dir={d}"])
+  tfds_source.main(["convert", f"--data_dir={d}"])
   src = sources.make_source("tfds", name="imagenet2012", split="train", data_dir=d)
   good, bad = _read_all(src)
   assert not bad
@@ -276,8 +222,8 @@ def test_detcon_masks_import_through_precompute(fx, tmp_path):
   meta = fh_masks.precompute("detcon_tfrecord", {"data_dir": fx["detcon_dir"],
                                                  "cache_dir": fx["cache"]},
                              out, scales=[1000], min_sizes=[1000], progress=False)
-  assert meta["counts"] == {"images": 9, "failed": 1}
-  ds = sources.FHMaskDataset(out, scale=1000, min_size=1000)
+  assert meta["counts"] == {"images": 9, "failed": 1, "capped": 0}
+  ds = fh_masks.FHMaskDataset(out, scale=1000, min_size=1000)
   rec = next(ds[i] for i in range(len(ds)) if ds[i]["id"] == "n01484850_3.JPEG")
   np.testing.assert_array_equal(rec["masks"], fx["detcon_masks"]["n01484850_3.JPEG"][0] % 256)
 
@@ -291,7 +237,7 @@ def test_precompute_raw_archive_then_detcon_b_trains(fx, tmp_path):
                              out, scales=[50], min_sizes=[20], records_per_shard=4,
                              progress=False)
   assert meta["num_records"] == 9 and meta["counts"]["failed"] == 0
-  ds = sources.FHMaskDataset(out, scale=50, min_size=20)
+  ds = fh_masks.FHMaskDataset(out, scale=50, min_size=20)
   got = {r["id"]: r for r in (ds[i] for i in range(len(ds)))}
   _assert_same({k: (r["label"], r["image"]) for k, r in got.items()}, fx["expected_train"])
   assert all(r["masks"].max() >= 1 for r in got.values())  # FH found several segments

@@ -12,6 +12,7 @@ from PIL import Image
 
 from ssl_jax.data import records
 from ssl_jax.data import sources
+from ssl_jax.data import tfds_source
 from tests import fixtures_images
 
 
@@ -56,6 +57,32 @@ def test_exif_orientation_is_applied(bad_folder):
   assert image.shape == (40, 24, 3) and stored.shape == (24, 40, 3)
   # Closer to the clockwise rotation than to the counter-clockwise one (a wrong transpose).
   assert _mean_abs(image, expected) < 4 < _mean_abs(image, np.rot90(stored, k=1))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_apply_exif_orientation_turns_like_pil(orientation):
+  """A mask turned by `apply_exif_orientation` lands where PIL's exif_transpose puts the pixels."""
+  stored = np.arange(3 * 5 * 3, dtype=np.uint8).reshape(3, 5, 3)  # every pixel distinct
+  exif = Image.Exif()
+  exif[0x0112] = orientation
+  buf = io.BytesIO()
+  Image.fromarray(stored).save(buf, format="PNG", exif=exif)  # lossless: exact comparison
+  data = buf.getvalue()
+  assert sources.exif_orientation(data) == orientation
+  decoded = sources.decode_image(data)  # PIL's ImageOps.exif_transpose: the reference
+  np.testing.assert_array_equal(sources.apply_exif_orientation(stored, orientation), decoded)
+  np.testing.assert_array_equal(sources.apply_exif_orientation(stored[..., 0], orientation),
+                                decoded[..., 0])  # a 2-D mask turns the same way
+  assert decoded.shape[:2] == ((5, 3) if orientation >= 5 else (3, 5))
+
+
+def test_exif_orientation_absent_or_unreadable_is_1():
+  buf = io.BytesIO()
+  Image.fromarray(np.zeros((2, 3, 3), np.uint8)).save(buf, format="PNG")
+  assert sources.exif_orientation(buf.getvalue()) == 1
+  assert sources.exif_orientation(b"not an image") == 1
+  with pytest.raises(ValueError, match="orientation=9"):
+    sources.apply_exif_orientation(np.zeros((2, 3)), 9)
 
 
 def test_sixteen_bit_is_scaled_not_clipped():
@@ -210,7 +237,7 @@ def test_tfds_source(tmp_path):
 
 def test_tfds_missing_dataset_names_data_dir(tmp_path):
   with pytest.raises(RuntimeError, match=f"(?s)data_dir={re.escape(str(tmp_path))}.*tfds build"):
-    sources.TfdsSource("mnist", split="train", data_dir=str(tmp_path))
+    tfds_source.TfdsSource("mnist", split="train", data_dir=str(tmp_path))
 
 
 # --- FH mask dataset: misaligned masks -------------------------------------------------------

@@ -4,9 +4,10 @@ A record written by `ssl_jax.data.fh_masks` holds:
   `id` str, `label` int (-1 when the source has none), `height`, `width` int (of the decoded,
   EXIF-transposed image), `image` bytes (the source's original encoded file, never re-encoded;
   sources without files give a lossless PNG), `masks` {"<scale>_<min_size>": 16-bit PNG bytes},
-  `segments` {"<scale>_<min_size>": number of FH segments}, and for a record that could not be
-  processed `error` str instead of image and masks (kept so shard k still holds records
-  [k*K, (k+1)*K) of the source).
+  `segments` {"<scale>_<min_size>": number of FH segments}, `capped` bool (FH ran below the
+  resolution asked because the image exceeds the FH pixel cap), and for a record that could not
+  be processed `error` str instead of image and masks (kept so every shard still holds its
+  contiguous range of source records).
 
 Masks are stored as 16-bit greyscale PNG: FH ids 0..n-1 survive unchanged for n <= 65536 (an
 8-bit format would wrap ids above 255 onto other segments). An image with more segments cannot be
@@ -71,7 +72,8 @@ def encode_record(record: Mapping[str, Any]) -> bytes:
     out.update(height=int(record["height"]), width=int(record["width"]),
                image=bytes(record["image"]),
                masks={str(k): bytes(v) for k, v in record["masks"].items()},
-               segments={str(k): int(v) for k, v in record["segments"].items()})
+               segments={str(k): int(v) for k, v in record["segments"].items()},
+               capped=bool(record.get("capped", False)))
   return msgpack.packb(out, use_bin_type=True)
 
 

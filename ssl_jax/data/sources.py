@@ -1,13 +1,16 @@
-"""Random-access image sources: one record per index, decoded to uint8 RGB on the host.
+"""Random-access image sources: the record contract, the decoding policy, the base class, the
+small built-in sources, and the name -> source table every other data module registers in.
 
 Record contract (the grain pipeline and the view code rely on it):
   {"image": uint8 [H, W, 3] RGB, "id": str (stable), "label": int (when known),
-   "masks": int32 [H, W] (FH segment ids; `FHMaskDataset` only),
+   "masks": int32 [H, W] (FH segment ids, aligned with "image"; FH-mask sources only),
    "segmentation": int32 [H, W] (sources with ground truth only)}
 
 Bad input never raises from `__getitem__`: it returns `{"id": str, "error": reason}`, which the
 pipeline drops and counts (`skip_reason`). Decoding policy (`decode_image`):
   * EXIF orientation is applied (`ImageOps.exif_transpose`), so pixels are as a viewer shows them.
+    A mask stored for the pixels as the file holds them (official DetCon TFRecords) is turned the
+    same way (`exif_orientation`, `apply_exif_orientation`), so image and mask stay aligned.
   * Greyscale, palette, RGBA (alpha dropped, as PIL's and tf.image's `convert to RGB`), CMYK and
     other modes become 8-bit RGB; 16-bit greyscale is *scaled* to 8 bits (round(v * 255 / 65535)),
     not clipped, which would turn most of a 16-bit image white.
@@ -20,19 +23,23 @@ pipeline drops and counts (`skip_reason`). Decoding policy (`decode_image`):
 Sources are picklable and open files lazily, so each grain worker process opens its own handles.
 Every source also has `get(i, with_encoded=True)`, which adds `"encoded"`: the original file
 bytes (or a lossless PNG for array sources), used by the FH precompute to store images unchanged.
+
+Where the other sources live (each registered in `SOURCES` by "module:attribute"):
+  `tfds_source` (tfds array_record and tfrecord copies), `imagenet` (ILSVRC2012 archives and
+  folders, official DetCon TFRecords), `tfrecord` (the TFRecord format and `TFRecordSource`),
+  `fh_masks` (precomputed FH masks: the writer and `FHMaskDataset`).
 """
 from __future__ import annotations
 
 import gzip
-import hashlib
+import importlib
 import io
-import json
 import os
 import warnings
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 # 2**28 pixels (a 16384 x 16384 image, 805 MB as RGB): above PIL's default bomb limit so large
 # photos decode, small enough that one bad header cannot exhaust a worker's memory.
@@ -96,6 +103,45 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     raise ValueError(f"cannot decode image: {type(e).__name__}: {e}") from e
 
 
+def exif_orientation(data: bytes) -> int:
+  """The EXIF Orientation tag (1..8) of encoded image bytes; 1 when absent or unreadable.
+
+  The tag `decode_image` (through `ImageOps.exif_transpose`) turns the pixels by.
+  """
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      orientation = int(im.getexif().get(ExifTags.Base.Orientation, 1))
+  except Exception:  # pylint: disable=broad-except  # an unreadable header: decode reports it
+    return 1
+  return orientation if orientation in _EXIF_TURNS else 1
+
+
+# EXIF orientation -> the array operation PIL's `exif_transpose` applies (its Image.Transpose
+# methods FLIP_LEFT_RIGHT, ROTATE_180, FLIP_TOP_BOTTOM, TRANSPOSE, ROTATE_270, TRANSVERSE,
+# ROTATE_90 for tags 2..8), on the first two axes of an [H, W, ...] array.
+_EXIF_TURNS: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: np.swapaxes(a, 0, 1),
+    6: lambda a: np.rot90(a, k=-1),
+    7: lambda a: np.swapaxes(a[::-1, ::-1], 0, 1),
+    8: lambda a: np.rot90(a, k=1),
+}
+
+
+def apply_exif_orientation(array: np.ndarray, orientation: int) -> np.ndarray:
+  """Turns `array` [H, W, ...] as `decode_image` turns an image with EXIF tag `orientation`.
+
+  For data aligned with the stored (un-rotated) pixels, e.g. a segmentation mask computed on a
+  decode that ignored EXIF. Tags 5..8 swap H and W.
+  """
+  if orientation not in _EXIF_TURNS:
+    raise ValueError(f"orientation={orientation} is not an EXIF orientation (1..8)")
+  return np.ascontiguousarray(_EXIF_TURNS[orientation](np.asarray(array)))
+
+
 def encode_png(image: np.ndarray) -> bytes:
   """uint8 [H, W, 3] -> lossless PNG bytes (for sources that hold arrays, not files)."""
   buf = io.BytesIO()
@@ -103,8 +149,9 @@ def encode_png(image: np.ndarray) -> bytes:
   return buf.getvalue()
 
 
-def _decoded_record(record_id: str, data: bytes, with_encoded: bool,
-                    **extra: Any) -> dict[str, Any]:
+def decoded_record(record_id: str, data: bytes, with_encoded: bool,
+                   **extra: Any) -> dict[str, Any]:
+  """Encoded bytes -> `{"image", "id", **extra}` (+ `"encoded"`), or an error record."""
   try:
     image = decode_image(data)
   except ValueError as e:
@@ -115,7 +162,24 @@ def _decoded_record(record_id: str, data: bytes, with_encoded: bool,
   return out
 
 
-class _Source:
+def default_cache_dir() -> str:
+  """$SSL_JAX_CACHE, else ~/.cache/ssl_jax: where indexes and FH-mask caches are written."""
+  return os.environ.get("SSL_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                         "ssl_jax")
+
+
+def describe_folder(folder: str, limit: int = 12) -> str:
+  """What `folder` holds, for error messages: its first `limit` entries, or why there are none."""
+  if not os.path.isdir(folder):
+    return "the folder does not exist"
+  entries = sorted(os.listdir(folder))
+  if not entries:
+    return "an empty folder"
+  more = f", ... ({len(entries)} entries)" if len(entries) > limit else ""
+  return ", ".join(entries[:limit]) + more
+
+
+class Source:
   """Base: `__getitem__(i)` is `get(i)`; subclasses implement `get` and `__len__`."""
 
   num_classes = 0
@@ -164,7 +228,7 @@ def builtin_photo_region(height: int, width: int, split: str) -> tuple[int, int,
   raise ValueError(f"BuiltinPhotos split={split!r} must be 'train' or 'probe'")
 
 
-class BuiltinPhotos(_Source):
+class BuiltinPhotos(Source):
   """Square crops of scikit-image's bundled colour photos, each photo one class.
 
   "train" crops lie in the left 75 % of each photo and "probe" crops in the right 25 %, so a
@@ -258,7 +322,7 @@ def read_idx(path: str) -> np.ndarray:
   return body.reshape(dims)
 
 
-class FashionMNIST(_Source):
+class FashionMNIST(Source):
   """Fashion-MNIST 28x28 images as uint8 RGB (grey replicated), labels 0-9.
 
   Args:
@@ -312,7 +376,7 @@ class FashionMNIST(_Source):
 # ---------------------------------------------------------------------------------------------
 # Image folder
 
-class ImageFolder(_Source):
+class ImageFolder(Source):
   """Images under `root`, one sub-folder per class (sorted names -> labels 0..C-1).
 
   Files are found recursively inside each class folder, any extension (a file PIL cannot read
@@ -358,248 +422,42 @@ class ImageFolder(_Source):
     except OSError as e:
       return error_record(rel, f"cannot read file: {e}")
     extra = {"label": label} if label >= 0 else {}
-    return _decoded_record(rel, data, with_encoded, **extra)
+    return decoded_record(rel, data, with_encoded, **extra)
 
 
 # ---------------------------------------------------------------------------------------------
-# TFDS (array_record via tfds.data_source; no TensorFlow)
+# The name -> source table. Entries are "module:attribute" strings resolved on use (as
+# `ssl_jax.registry.METHODS`), so this base module imports none of the modules that build on it
+# (they import it): no import cycle, and a grain worker unpickling a source imports only its module.
 
-class TfdsSource(_Source):
-  """A TFDS split read with `tfds.data_source` (array_record files), images decoded with PIL.
-
-  The image feature is read undecoded (`tfds.decode.SkipDecoding`) so decoding follows this
-  module's policy and needs no TensorFlow. Ids are the example's `file_name` (ImageNet) when the
-  dataset has one, else "<name>/<split>/<index>".
-
-  Args:
-    name: tfds name, e.g. "imagenet2012".
-    split: e.g. "train", "validation[:1000]".
-    data_dir: tfds data folder ("" or None: tfds' default).
-    image_key, label_key: feature names; label_key "" for none.
-    id_key: feature holding a stable id.
-  """
-
-  def __init__(self, name: str, split: str = "train", data_dir: Optional[str] = None,
-               image_key: str = "image", label_key: str = "label", id_key: str = "file_name"):
-    self.name, self.split, self.data_dir = name, split, data_dir or None
-    self.image_key, self.label_key, self.id_key = image_key, label_key, id_key
-    self._ds = None
-    self._len = len(self._open())
-    self.num_classes = self._num_classes()
-
-  def __getstate__(self):
-    state = dict(self.__dict__)
-    state["_ds"] = None
-    return state
-
-  def _open(self):
-    if self._ds is None:
-      import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-      from ssl_jax.data import imagenet  # pylint: disable=import-outside-toplevel
-      # Missing and tfrecord-only copies both make tfds raise the same misleading
-      # NotImplementedError: the preflight names data_dir, what it found and the fix.
-      imagenet.check_tfds_dataset(self.name, self.data_dir, self.split,
-                                  keys=[k for k in (self.image_key, self.label_key) if k])
-      where = self.data_dir or "tfds' default data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
-      try:
-        self._ds = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir,
-                                    download=False,
-                                    decoders={self.image_key: tfds.decode.SkipDecoding()})
-      except Exception as e:  # tfds raises many types: not found, tfrecord-only, bad split
-        raise RuntimeError(
-            f"tfds.data_source({self.name!r}, split={self.split!r}) failed in data_dir={where}: "
-            f"{type(e).__name__}: {e}. The dataset must be prepared there in array_record format: "
-            f"`tfds build {self.name} --data_dir=DIR --file_format=array_record` (ImageNet needs "
-            "its manual-download tars under DIR/downloads/manual); a tfrecord-prepared copy can be "
-            "converted with `tfds convert_format --root_data_dir=DIR --out_file_format=array_record`"
-        ) from e
-    return self._ds
-
-  def _num_classes(self) -> int:
-    try:
-      import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-      feature = self._open().dataset_info.features[self.label_key]
-      return int(feature.num_classes) if isinstance(feature, tfds.features.ClassLabel) else 0
-    except Exception:  # no label feature / no info: the evaluator infers the class count
-      return 0
-
-  def __len__(self):
-    return self._len
-
-  def get(self, i: int, with_encoded: bool = False) -> dict[str, Any]:
-    fallback_id = f"{self.name}/{self.split}/{i}"
-    try:
-      example = self._open()[i]
-    except Exception as e:  # a corrupt array_record entry must not kill the run
-      return error_record(fallback_id, f"cannot read example: {type(e).__name__}: {e}")
-    rid = example.get(self.id_key, fallback_id)
-    rid = rid.decode("utf-8", "replace") if isinstance(rid, bytes) else str(rid)
-    extra = {}
-    if self.label_key and self.label_key in example:
-      extra["label"] = int(np.asarray(example[self.label_key]))
-    image = example.get(self.image_key)
-    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3:
-      # Already decoded (e.g. tfds.testing.mock_data ignores decoders).
-      out = {"image": pil_to_rgb(Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1
-                                                 else image)), "id": rid, **extra}
-      if with_encoded:
-        out["encoded"] = encode_png(out["image"])
-      return out
-    if isinstance(image, np.ndarray):
-      image = image.item()
-    if not isinstance(image, (bytes, bytearray)):
-      return error_record(rid, f"feature {self.image_key!r} is {type(image).__name__}, "
-                               "not encoded image bytes")
-    return _decoded_record(rid, bytes(image), with_encoded, **extra)
-
-
-# ---------------------------------------------------------------------------------------------
-# Precomputed FH masks (written by `python -m ssl_jax.data.fh_masks`)
-
-def default_cache_dir() -> str:
-  """$SSL_JAX_CACHE, else ~/.cache/ssl_jax: where `FHMaskDataset(precompute_from=...)` writes."""
-  return os.environ.get("SSL_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                         "ssl_jax")
-
-
-class FHMaskDataset(_Source):
-  """Images with their Felzenszwalb-Huttenlocher masks for one (scale, min_size).
-
-  Args:
-    path: output folder of `python -m ssl_jax.data.fh_masks` (metadata.json + shards).
-    scale, min_size: which precomputed setting to return as "masks".
-    precompute_from, precompute_args: with `path=""`, compute the masks of source
-      `precompute_from` (made with `precompute_args`) once into a cache folder named by a hash of
-      the settings (under `cache_dir`, default `default_cache_dir()`) and read them from there; for
-      small sources (the demo's built-in photos).
-    max_side: with `precompute_from`, the FH long-side cap (0: full resolution).
-
-  Records whose image failed at precompute time, or whose stored mask does not match the decoded
-  image's shape, come back as error records naming the id (never a misaligned mask).
-  """
-
-  def __init__(self, path: str = "", scale: float = 1000, min_size: int = 1000,
-               precompute_from: Optional[str] = None,
-               precompute_args: Optional[Mapping[str, Any]] = None,
-               cache_dir: Optional[str] = None, max_side: int = 0):
-    if not path:
-      if not precompute_from:
-        raise ValueError(
-            "config.data.source_args.path is empty: DetCon reads images with precomputed FH "
-            "masks. Compute them once (resumable, parallel), e.g. for ImageNet:\n"
-            f"  python -m ssl_jax.data.fh_masks --source=tfds "
-            f"--source_args=name=imagenet2012,split=train --out=$DATA/imagenet_fh "
-            f"--scales={scale:g} --min_sizes={min_size} --processes=$(nproc)\n"
-            "then pass --config.data.source_args.path=$DATA/imagenet_fh (or set "
-            "source_args.precompute_from=<source name> to compute them into a cache on first use)")
-      path = self._ensure_cache(precompute_from, dict(precompute_args or {}), scale, min_size,
-                                max_side, cache_dir or default_cache_dir())
-    self.path = path
-    meta_path = os.path.join(path, "metadata.json")
-    if not os.path.exists(meta_path):
-      raise FileNotFoundError(
-          f"FHMaskDataset: {meta_path} not found; precompute masks with `python -m "
-          f"ssl_jax.data.fh_masks --out={path} ...` (an unfinished run has no metadata.json: "
-          "rerun the same command to resume it)")
-    with open(meta_path) as f:
-      self.metadata = json.load(f)
-    from ssl_jax.data import records  # pylint: disable=import-outside-toplevel
-    self.key = records.mask_key(scale, min_size)
-    available = [records.mask_key(s, m) for s in self.metadata["scales"]
-                 for m in self.metadata["min_sizes"]]
-    if self.key not in available:
-      raise ValueError(f"FHMaskDataset: scale={scale}, min_size={min_size} were not precomputed "
-                       f"in {path}; available (scale_min_size): {available}")
-    self._shards = [os.path.join(path, s["file"]) for s in self.metadata["shards"]]
-    self._len = int(self.metadata["num_records"])
-    self.num_classes = int(self.metadata.get("num_classes", 0))
-    self._source = None
-
-  @staticmethod
-  def _ensure_cache(name, args, scale, min_size, max_side, cache_dir) -> str:
-    from ssl_jax.data import fh_masks  # pylint: disable=import-outside-toplevel
-    spec = json.dumps({"source": name, "args": args, "scale": scale, "min_size": min_size,
-                       "max_side": max_side, "version": fh_masks.FORMAT_VERSION}, sort_keys=True)
-    out = os.path.join(cache_dir, f"fh_{name}_{hashlib.sha256(spec.encode()).hexdigest()[:16]}")
-    if not os.path.exists(os.path.join(out, "metadata.json")):
-      fh_masks.precompute(name, args, out, scales=(scale,), min_sizes=(min_size,),
-                          processes=1, max_side=max_side, progress=False)
-    return out
-
-  def __getstate__(self):
-    state = dict(self.__dict__)
-    state["_source"] = None  # file handles are reopened in each worker process
-    return state
-
-  def __len__(self):
-    return self._len
-
-  def _open(self):
-    if self._source is None:
-      import grain  # pylint: disable=import-outside-toplevel
-      self._source = grain.sources.ArrayRecordDataSource(self._shards)
-    return self._source
-
-  def get(self, i: int, with_encoded: bool = False) -> dict[str, Any]:
-    from ssl_jax.data import records  # pylint: disable=import-outside-toplevel
-    try:
-      rec = records.decode_record(self._open()[i])
-    except Exception as e:  # a corrupt shard entry
-      return error_record(f"{self.path}#{i}", f"cannot read record: {type(e).__name__}: {e}")
-    rid = rec["id"]
-    if "error" in rec:
-      return error_record(rid, rec["error"])
-    out = _decoded_record(rid, rec["image"], with_encoded)
-    if "error" in out:
-      return out
-    try:
-      masks = records.decode_mask(rec["masks"][self.key])
-    except Exception as e:
-      return error_record(rid, f"cannot decode mask {self.key}: {type(e).__name__}: {e}")
-    if masks.shape != out["image"].shape[:2]:
-      return error_record(rid, f"mask {self.key} of shape {masks.shape} does not match image "
-                               f"of shape {out['image'].shape[:2]} in record {rid!r}")
-    out["masks"] = masks
-    if rec.get("label", -1) >= 0:
-      out["label"] = int(rec["label"])
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-
-SOURCES: dict[str, Callable[..., _Source]] = {
-    "builtin_photos": BuiltinPhotos,
-    "fashion_mnist": FashionMNIST,
-    "image_folder": ImageFolder,
-    "tfds": TfdsSource,
-    "fh_masks": FHMaskDataset,
+SOURCES: dict[str, str] = {
+    "builtin_photos": "ssl_jax.data.sources:BuiltinPhotos",
+    "fashion_mnist": "ssl_jax.data.sources:FashionMNIST",
+    "image_folder": "ssl_jax.data.sources:ImageFolder",
+    "tfds": "ssl_jax.data.tfds_source:TfdsSource",
+    "tfds_tfrecord": "ssl_jax.data.tfds_source:tfds_tfrecord_source",
+    "ilsvrc_tar": "ssl_jax.data.imagenet:IlsvrcTar",
+    "imagenet_folder": "ssl_jax.data.imagenet:ImageNetFolder",
+    "detcon_tfrecord": "ssl_jax.data.imagenet:detcon_tfrecord_source",
+    "fh_masks": "ssl_jax.data.fh_masks:FHMaskDataset",
 }
 
 
-def _imagenet(attr: str) -> Callable[..., _Source]:
-  # ImageNet sources live in ssl_jax.data.imagenet, which imports this module: bind lazily.
-  def make(**kwargs: Any) -> _Source:
-    from ssl_jax.data import imagenet  # pylint: disable=import-outside-toplevel
-    return getattr(imagenet, attr)(**kwargs)
-  return make
+def source_constructor(name: str) -> Callable[..., Source]:
+  """The class or function `SOURCES[name]` names. Raises ValueError for an unknown name."""
+  if name not in SOURCES:
+    raise ValueError(f"data source {name!r} is unknown; known sources: {sorted(SOURCES)}")
+  module, attr = SOURCES[name].split(":")
+  return getattr(importlib.import_module(module), attr)
 
 
-SOURCES.update({
-    "tfds_tfrecord": _imagenet("tfds_tfrecord_source"),
-    "ilsvrc_tar": _imagenet("IlsvrcTar"),
-    "imagenet_folder": _imagenet("ImageNetFolder"),
-    "detcon_tfrecord": _imagenet("detcon_tfrecord_source"),
-})
-
-
-def make_source(name: str, /, **kwargs: Any) -> _Source:
+def make_source(name: str, /, **kwargs: Any) -> Source:
   """Source `name` (a key of `SOURCES`) built with `kwargs`.
 
   `name` is positional-only: the tfds source itself takes a `name=` argument.
   """
-  if name not in SOURCES:
-    raise ValueError(f"data source {name!r} is unknown; known sources: {sorted(SOURCES)}")
+  make = source_constructor(name)
   try:
-    return SOURCES[name](**kwargs)
+    return make(**kwargs)
   except TypeError as e:
     raise TypeError(f"data source {name!r}: bad arguments {sorted(kwargs)}: {e}") from e

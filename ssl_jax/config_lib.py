@@ -319,7 +319,7 @@ def detcon_config(method: str, args: dict[str, Any]) -> ConfigDict:
   if args.get("demo") or args.get("test"):
     apply_size_variant(c, args)
     demo = bool(args.get("demo"))
-    # The built-in photos get FH masks computed once into a cache (ssl_jax.data.sources).
+    # The built-in photos get FH masks computed once into a cache (ssl_jax.data.fh_masks).
     c.data.source = "fh_masks"
     c.data.source_args = ConfigDict({
         "path": "", "scale": 100 if demo else 50, "min_size": 50 if demo else 20,

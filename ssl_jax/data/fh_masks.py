@@ -52,7 +52,6 @@ import math
 import multiprocessing
 import os
 import statistics
-import sys
 import time
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -61,6 +60,7 @@ from PIL import Image
 
 from ssl_jax.data import records
 from ssl_jax.data import sources
+from ssl_jax.errors import UserError
 
 FORMAT_VERSION = 2  # 2: balanced shard layout, settings.json, `capped` entries
 SIGMA = 0.8  # DetCon's FH smoothing
@@ -71,7 +71,7 @@ _COMPARED = ("format_version", "source", "source_args", "scales", "min_sizes", "
              "max_side", "max_pixels", "num_records")
 
 
-class StaleOutputError(ValueError):
+class StaleOutputError(UserError, ValueError):
   """`--out` holds FH masks made with other settings (or of unknown origin)."""
 
 
@@ -579,17 +579,13 @@ def main(argv):
   del argv
   from absl import flags  # pylint: disable=import-outside-toplevel
   f = flags.FLAGS
-  try:
-    precompute(f.source, parse_source_args(f.source_args), f.out,
-               scales=[float(s) if "." in s else int(s) for s in f.scales],
-               min_sizes=[int(m) for m in f.min_sizes], processes=f.processes,
-               records_per_shard=f.records_per_shard, max_side=f.max_side)
-  except StaleOutputError as e:  # a usage error: one line, no traceback
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  precompute(f.source, parse_source_args(f.source_args), f.out,
+             scales=[float(s) if "." in s else int(s) for s in f.scales],
+             min_sizes=[int(m) for m in f.min_sizes], processes=f.processes,
+             records_per_shard=f.records_per_shard, max_side=f.max_side)
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=import-outside-toplevel
+  from ssl_jax import cli  # pylint: disable=import-outside-toplevel
   _define_flags()
-  app.run(main)
+  cli.run(main)  # a stale --out or bad source: one line, status 2

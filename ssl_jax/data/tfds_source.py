@@ -21,7 +21,6 @@ import glob
 import json
 import os
 import re
-import sys
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -29,6 +28,7 @@ from PIL import Image
 
 from ssl_jax.data import sources
 from ssl_jax.data import tfrecord
+from ssl_jax.errors import UserError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,7 +167,7 @@ def _split_files(version_dir: str, name: str, split: str, fmt: str) -> list[str]
 # ---------------------------------------------------------------------------------------------
 # Preflight: is a tfds dataset there, and in a format we can read?
 
-class DatasetNotReadyError(RuntimeError):
+class DatasetNotReadyError(UserError, RuntimeError):
   """The dataset is missing or unreadable; the message says what to run."""
 
 
@@ -354,9 +354,9 @@ def main(argv: Sequence[str] | None = None) -> None:
       info = check_tfds_dataset(a.name, a.data_dir, a.split)
       print(f"{info['version_dir']}: split {a.split!r} ready, {len(info['files'])} shards, "
             f"features {info['features']}")
-  except DatasetNotReadyError as e:  # the message says what to run: one line, no traceback
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  except UserError as e:  # the message says what to run: one line, no traceback
+    from ssl_jax import cli  # pylint: disable=import-outside-toplevel
+    cli.fail(str(e))
 
 if __name__ == "__main__":
   main()

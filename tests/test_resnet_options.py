@@ -68,8 +68,8 @@ def _get(tree, path):
 
 def _block_apply(block, zero_init_residual, x, stride, planes, train):
   module = resnet.ResidualBlock(planes=planes, stride=stride, bottleneck=block == "bottleneck",
-                                norm=resnet.batch_norm(train), zero_init_residual=zero_init_residual,
-                                dtype=jnp.float32)
+                                norm=resnet.batch_norm(train),
+                                zero_init_residual=zero_init_residual, dtype=jnp.float32)
   variables = jax.jit(module.init)(KEY, x)
   apply = jax.jit(functools.partial(module.apply, mutable=["batch_stats"]) if train
                   else module.apply)

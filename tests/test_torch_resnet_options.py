@@ -1,5 +1,5 @@
-"""ResNet options against torchvision: `replace_stride_with_dilation` gives torchvision's C5 with our
-exported weights; `zero_init_residual` zeroes the same BN weights as torchvision's.
+"""ResNet options against torchvision: `replace_stride_with_dilation` gives torchvision's C5 with
+our exported weights; `zero_init_residual` zeroes the same BN weights as torchvision's.
 
 Needs the export-verification environment; skipped in the main one, a failure under
 `SSL_JAX_REQUIRE_TORCH=1` (`make test-export`):

@@ -11,11 +11,13 @@ Options that leave the parameter tree (and so the export) unchanged:
   the *previous* dilation and the later blocks the new one (the 1×1 projection shortcut stays, with
   stride 1). `(False, False, True)` gives a stride-16 C5 (14×14 at 224 px), DeepLab-style.
   A torchvision `resnet50(replace_stride_with_dilation=[...])` loads our export and gives the same
-  features (tests/test_torch_roi_align.py).
+  features (tests/test_torch_resnet_options.py).
 - `zero_init_residual`: the γ of the last BN of every residual branch starts at 0, so each block
   starts as relu(shortcut) (Goyal et al., 2017). The official BYOL/DetCon Haiku ResNet
   (`scale_init=jnp.zeros` on the block's last BN) and SimCLR v1 (`init_zero` on the last BN) do
   it; torchvision's `zero_init_residual=True` is the same. The downsample BN is never zeroed.
+  Basic blocks (ResNet-18/34) get it too, as torchvision's (bn2); Haiku's `hk.nets.ResNet` zeroes
+  only bottleneck blocks, so a Haiku ResNet-18 starts with γ = 1 there.
 
 Parameter tree: `conv1`, `bn1`, `layer{i}_{j}` with `conv1/bn1/conv2/bn2[/conv3/bn3]` and, where
 the shape changes, `downsample_0` (1×1 conv) / `downsample_1` (BN). Batch-norm statistics live in

@@ -43,4 +43,4 @@ $(EXPORT_STAMP): setup.py requirements.txt requirements-export.txt
 	touch $(EXPORT_STAMP)
 
 test-export: $(EXPORT_STAMP)
-	SSL_JAX_REQUIRE_TORCH=1 $(EXPORT_VENV)/bin/python -m pytest -q tests/test_export.py
+	SSL_JAX_REQUIRE_TORCH=1 $(EXPORT_VENV)/bin/python -m pytest -q tests/test_export.py tests/test_torch_*.py

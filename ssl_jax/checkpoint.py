@@ -78,20 +78,25 @@ def latest_step(workdir: str) -> int | None:
 def load_state(workdir: str, step: int | None = None) -> tuple[int, Any]:
   """Loads a saved train state as host numpy arrays without knowing its structure (export, eval)."""
   step = latest_step(workdir) if step is None else step
-  path = os.path.join(checkpoint_dir(workdir), str(step), STATE)
-  if step is None or not os.path.isdir(path):
+  if step is None or not os.path.isdir(os.path.join(checkpoint_dir(workdir), str(step), STATE)):
     raise CheckpointNotFoundError(
         f"no checkpoint{'' if step is None else f' at step {step}'} in {checkpoint_dir(workdir)}:"
         " train first or pass the right workdir/step")
-  with ocp.StandardCheckpointer() as ckptr:
-    metadata = ckptr.metadata(path)
+  manager = ocp.CheckpointManager(
+      checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(create=False),
+      item_handlers={STATE: ocp.StandardCheckpointHandler(),
+                     DATA: grain.checkpoint.CheckpointHandler()})
+  try:
+    metadata = manager.item_metadata(step)[STATE]
     tree = getattr(metadata, "item_metadata", metadata)
-    abstract = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
-                                       sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
-        tree)
-    state = ckptr.restore(path, abstract)
-  return step, jax.device_get(state)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            tree)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        **{STATE: ocp.args.StandardRestore(abstract)}))
+  finally:
+    manager.close()
+  return step, jax.device_get(restored[STATE])
 
 
 class PreemptionFlag:

@@ -210,6 +210,18 @@ def test_simmim_token_mask_replaces_patch_embeddings():
   assert not np.allclose(changed[0], masked["pooled"][0])
 
 
+def test_stochastic_depth_only_in_training():
+  model = models.get_backbone("swin_tiny", **TINY, drop_path_rate=0.5)
+  _, variables, apply = _tiny()  # same shapes: drop path adds no variables
+  x = _images(b=4)
+  train = jax.jit(functools.partial(model.apply, train=True))
+  np.testing.assert_allclose(jax.jit(functools.partial(model.apply, train=False))(
+      variables, x)["pooled"], apply(variables, x)["pooled"], rtol=1e-6, atol=1e-6)
+  a = train(variables, x, rngs={"dropout": jax.random.key(1, impl="rbg")})["pooled"]
+  b = train(variables, x, rngs={"dropout": jax.random.key(2, impl="rbg")})["pooled"]
+  assert not np.allclose(a, b)
+
+
 def test_simmim_masking_errors():
   model, variables, _ = _tiny()
   x = _images(b=1)

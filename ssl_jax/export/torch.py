@@ -23,12 +23,18 @@ stages 1..3, so `layers.{i}.downsample.*` becomes `layers.{i+1}.downsample.*` (a
 `checkpoint_filter_fn`); the `relative_position_index` / `attn_mask` buffers those files carry are
 recomputed by our model and dropped; `head.*` and MoBY's `encoder_k.`/`projector`/`predictor`/queues
 are ignored (the backbone is found under the `encoder.` prefix). A MoBY `.pth` needs unpickling
-once; `load_torch_file` uses `torch.load(weights_only=True)`, which accepts those plain
-checkpoints. One-off conversion to a pickle-free file (in an environment with torch):
+once; `load_torch_file` uses `torch.load(weights_only=True)`, which reads plain checkpoints
+({"model": {...}, "epoch": ...}). One-off conversion to a pickle-free file (environment with torch):
   python -c "import sys, safetensors.torch as st; from ssl_jax.export.torch import load_torch_file;
-  st.save_file({k: v.contiguous() for k, v in load_torch_file(sys.argv[1]).items()}, sys.argv[2])"
+  st.save_file({k: v.clone() for k, v in load_torch_file(sys.argv[1]).items()}, sys.argv[2])" \
   moby_swin_t_300ep_pretrained.pth moby_swin_t.safetensors
-after which `import_backbone("moby_swin_t.safetensors", "swin_tiny")` needs no torch.
+after which `import_backbone("moby_swin_t.safetensors", "swin_tiny")` needs no torch. MoBY's
+training checkpoints also pickle their yacs config, which weights_only refuses (torch's error names
+`yacs.config.CfgNode`); for such a file you trust, convert once with full unpickling in a throwaway
+environment with torch and yacs:
+  python -c "import sys, torch, safetensors.torch as st; sd = torch.load(sys.argv[1],
+  map_location='cpu', weights_only=False)['model']; st.save_file({k: v.clone() for k, v in
+  sd.items()}, sys.argv[2])" ckpt_epoch_299.pth moby_swin_t.safetensors
 
 The Swin resolution matters only where a stage's map is no larger than the window (the window
 and its bias table shrink, see `models/swin.py`): export and import infer an `img_size` giving the

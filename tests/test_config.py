@@ -35,9 +35,12 @@ def test_paper_presets():
 
 
 def test_parse_arg():
-  assert config_lib.parse_arg("epochs=1000,coco,lr=0.5,name=x") == {
+  known = ("epochs", "coco", "lr", "name")
+  assert config_lib.parse_arg("epochs=1000,coco,lr=0.5,name=x", known) == {
       "epochs": 1000, "coco": True, "lr": 0.5, "name": "x"}
   assert config_lib.parse_arg(None) == {}
+  with pytest.raises(config_lib.ConfigError, match="'demoo' is unknown; known variants: demo, test"):
+    config_lib.parse_arg("demoo")
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -133,8 +133,8 @@ def test_load_backbone_errors(cfg, match, tmp_path):
   foreign = str(tmp_path / "foreign.safetensors")  # a torchvision-style file: no arch metadata
   save_file({"conv1.weight": np.zeros((2, 3, 1, 1), np.float32)}, foreign)
   (tmp_path / "not_a_run").mkdir()
-  cfg = {k: {"FOREIGN": foreign, "NOT_A_RUN": str(tmp_path / "not_a_run")}.get(v, v)
-         for k, v in cfg.items()}
+  paths = {"FOREIGN": foreign, "NOT_A_RUN": str(tmp_path / "not_a_run")}
+  cfg = {k: paths.get(v, v) if isinstance(v, str) else v for k, v in cfg.items()}
   with pytest.raises(weights.WeightsError, match=match):
     linear_eval.load_backbone(ml_collections.ConfigDict(cfg))
 

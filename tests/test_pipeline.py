@@ -32,7 +32,7 @@ def _assert_same(a, b):
 def test_batches_have_the_documented_layout():
   batch = next(iter(_dataset()))
   assert batch["image"].shape == (4, 2, 32, 32, 3) and batch["image"].dtype == np.uint8
-  assert batch["masks"].shape == (4, 2, 32, 32) and batch["masks"].dtype == np.int32
+  assert batch["masks"].shape == (4, 2, 32, 32) and batch["masks"].dtype == np.int8
   assert batch["label"].shape == (4,)
   assert batch["skipped"].shape == (4,)
 

@@ -137,11 +137,11 @@ _RECIPES: dict[str, tuple[ViewSpec, ...]] = {
                       ViewSpec(color=_MASKED_COLOR, crop_mode="diagonal")),
     # strong = MoCo v3's (crop 0.08, FIDELITY row 12).
     "masked_strong": (ViewSpec(color=_MOCOV3_COLOR), ViewSpec(color=_MOCOV3_COLOR_2)),
-    # Multi-crop local views (SwAV Sec. 3.2 / DINO `DataAugmentationDINO`): 96 px crops of
-    # 5-40 % of the image, flip, colour jitter 0.8, greyscale 0.2, blur p 0.5; one spec repeated
-    # `config.data.local_views` times.
+    # Multi-crop local views (DINO `DataAugmentationDINO`, torchvision ops): 96 px bicubic
+    # crops of 5-40 % of the image, flip, colour jitter 0.8, greyscale 0.2, blur p 0.5; one spec
+    # repeated `config.data.local_views` times.
     "multicrop_local": (ViewSpec(crop_scale=(0.05, 0.4),
-                                 color=dataclasses.replace(_BYOL_COLOR, blur_p=0.5),
+                                 color=dataclasses.replace(_MOCOV3_COLOR, blur_p=0.5),
                                  interpolation="bicubic"),),
     # MaskCo (Sec. 4, "same as MoCo v2" with crops >= 20 % area, constrained to overlap:
     # `make_maskco_views`); view 0 = query, view 1 = key.

@@ -128,3 +128,17 @@ def test_linear_pixel_decoder_matches_numpy_and_init():
   expected = np.zeros((2, 12, 8), bool)
   expected[0, 4:8, 0:4] = True
   np.testing.assert_array_equal(changed, expected)
+
+
+def test_decoders_compute_in_bfloat16_and_return_float32():
+  mae = decoder.MAEDecoder(patch_size=4, embed_dim=16, depth=1, num_heads=2, dtype=jnp.bfloat16)
+  args = (_tokens(2, 4, 24).astype(jnp.bfloat16), jnp.zeros((2, 16), jnp.int32))
+  variables = jax.eval_shape(functools.partial(mae.init, grid=(4, 4)), KEY, *args)
+  assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+  assert jax.eval_shape(functools.partial(mae.apply, grid=(4, 4)), variables,
+                        *args).dtype == jnp.float32
+  simmim = decoder.LinearPixelDecoder(stride=2, dtype=jnp.bfloat16)
+  fmap = jnp.zeros((1, 2, 2, 8), jnp.bfloat16)
+  variables = jax.eval_shape(simmim.init, KEY, fmap)
+  out = jax.eval_shape(simmim.apply, variables, fmap)
+  assert out.shape == (1, 4, 4, 3) and out.dtype == jnp.float32

@@ -188,3 +188,15 @@ def test_return_attention_rejects_unknown_direction():
   model, variables = _model()
   with pytest.raises(ValueError, match="return_attention='patch'"):
     model.apply(variables, _images(), train=False, return_attention="patch")
+
+
+def test_bfloat16_compute_with_chunks_and_mask_token():
+  # Shapes and dtypes only (eval_shape traces without compiling).
+  model = models.get_backbone("vit_tiny", **{**TINY_VIT, "dtype": jnp.bfloat16})
+  variables = jax.eval_shape(functools.partial(model.init, train=False), KEY, _images())
+  idx, _ = patches.chunk_indices(KEY, 2, 16, 4)
+  out = jax.eval_shape(functools.partial(model.apply, train=False, return_attention="cls_key"),
+                       variables, _images(), keep_indices=idx,
+                       token_mask=jnp.zeros((2, 16), bool), mask_token=jnp.zeros((32,)))
+  assert out["tokens"].shape == (2, 4, 5, 32) and out["tokens"].dtype == jnp.bfloat16
+  assert out["pooled"].dtype == jnp.float32 and out["cls_attention"].dtype == jnp.float32

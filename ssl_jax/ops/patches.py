@@ -2,7 +2,9 @@
 
 Every function is a pure function of its arguments (a PRNG key where it is random), batched over
 a leading B axis, jit-safe (shapes depend only on static Python numbers) and returns int32
-indices. Patch indices are row-major over the patch grid, as `models.vit.patchify` and the ViT's
+indices. Each draws the whole batch's randomness from its one key; do not `vmap` them over
+per-example keys: with "rbg" keys a vmapped draw takes every example's bits from the first key
+(JAX's `rng_bit_generator` batching rule), so all examples would share one mask. Patch indices are row-major over the patch grid, as `models.vit.patchify` and the ViT's
 token order.
 
 Index conventions, MAE's (`models_mae.random_masking`):

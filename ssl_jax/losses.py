@@ -180,3 +180,109 @@ def detcon_loss(pred1: jax.Array, pred2: jax.Array, target1: jax.Array, target2:
   loss_a = one_side(pred1, pind1, target2, tind2, target1, tind1)
   loss_b = one_side(pred2, pind2, target1, tind1, target2, tind2)
   return loss_a + loss_b
+
+
+def masked_patch_mse(pred: jax.Array, target_patches: jax.Array, mask: jax.Array,
+                     norm_pix: bool = True) -> jax.Array:
+  """MAE's reconstruction loss (He et al. 2022, Sec. 3 "Reconstruction target"; `forward_loss`).
+
+  With norm_pix, each target patch is normalised by its own pixel statistics:
+  t̂ = (t − mean(t)) / √(var(t) + 1e-6), var *unbiased* (torch's `.var()` default, ddof = 1)
+  as the official code. Then
+
+      loss = Σ_{b,i} mask_bi · mean_p (pred_bip − t̂_bip)² / Σ_{b,i} mask_bi,
+
+  the mean over masked patches only (visible-patch predictions get zero gradient). An all-visible
+  mask gives 0 (the official code would give 0/0 = NaN). ccMIM uses the same loss.
+
+  Args:
+    pred: [B, N, P] float decoder predictions (P = p·p·3, `vit.patchify` order).
+    target_patches: [B, N, P] float, `vit.patchify(images, p)`.
+    mask: [B, N] bool or float, 1/True = masked (`Masking.mask`).
+    norm_pix: normalise each target patch (MAE `PRETRAIN.md`: on).
+
+  Returns:
+    Scalar float32; B is the global batch axis (the sums run over the global batch).
+  """
+  if pred.shape != target_patches.shape or pred.ndim != 3 or mask.shape != pred.shape[:2]:
+    raise ValueError(f"pred {pred.shape} and target_patches {target_patches.shape} must both be "
+                     f"[B, N, P] and mask {mask.shape} [B, N]")
+  target = target_patches.astype(jnp.float32)
+  if norm_pix:
+    if target.shape[-1] < 2:
+      raise ValueError("norm_pix needs at least 2 values per patch (unbiased variance)")
+    mean = jnp.mean(target, axis=-1, keepdims=True)
+    var = jnp.var(target, axis=-1, keepdims=True, ddof=1)
+    target = (target - mean) * jax.lax.rsqrt(var + 1e-6)
+  per_patch = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=-1)
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(per_patch * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def masked_pixel_l1(pred: jax.Array, images: jax.Array, pixel_mask: jax.Array) -> jax.Array:
+  """SimMIM's reconstruction loss (Xie et al. 2022, Eq. 1; official `SimMIM.forward`).
+
+      loss = Σ_{b,y,x,c} m_byx · |pred_byxc − image_byxc| / (Σ_{b,y,x} m_byx + 1e-5) / C,
+
+  i.e. the mean absolute error over the masked pixels and all channels, with the official 1e-5
+  in the denominator (an all-visible mask gives 0).
+
+  Args:
+    pred: [B, H, W, C] float reconstruction (`LinearPixelDecoder` output).
+    images: [B, H, W, C] float input images (as normalised for the encoder).
+    pixel_mask: [B, H, W] bool or float, 1/True = masked (`ops.patches.mask_to_pixels`).
+
+  Returns:
+    Scalar float32; B is the global batch axis.
+  """
+  if pred.shape != images.shape or pred.ndim != 4 or pixel_mask.shape != pred.shape[:3]:
+    raise ValueError(f"pred {pred.shape} and images {images.shape} must both be [B, H, W, C] and "
+                     f"pixel_mask {pixel_mask.shape} [B, H, W]")
+  m = pixel_mask.astype(jnp.float32)
+  err = jnp.abs(pred.astype(jnp.float32) - images.astype(jnp.float32))
+  return jnp.sum(err * m[..., None]) / (jnp.sum(m) + 1e-5) / pred.shape[-1]
+
+
+def spherical_mean(x: jax.Array, axis: int = -2) -> jax.Array:
+  """Spherical mean of a set of vectors: the normalised sum of the normalised vectors.
+
+  Masked MoCo/BYOL Eq. 4: k̂ = Σ_j k̄_j / ‖Σ_j k̄_j‖₂ (k̄ = k/‖k‖), the key combining m target
+  chunks. Normalising first gives every member the same weight whatever its norm.
+
+  Args:
+    x: [..., m, D] float (the set along `axis`, features last).
+    axis: the set axis (not the last).
+
+  Returns:
+    [...(axis removed)..., D] float32 unit vectors (a zero sum stays zero, as `l2_normalize`).
+  """
+  if x.ndim < 2 or axis % x.ndim == x.ndim - 1:
+    raise ValueError(f"spherical_mean needs x [..., m, D] and a set axis other than the feature "
+                     f"axis, got shape {x.shape} and axis={axis}")
+  return l2_normalize(jnp.sum(_normalized_f32(x), axis=axis))
+
+
+def vmf_kappa(x: jax.Array, epsilon: float = 1e-6) -> jax.Array:
+  """Concentration κ of a von Mises–Fisher fit to n vectors (Banerjee et al. 2005 approximation).
+
+  Masked MoCo/BYOL's training monitor (its Sec. 3.4): the n chunk representations of an image
+  are normalised and treated as vMF samples; with R̄ = ‖(1/n) Σ_j x̄_j‖ (mean resultant length),
+
+      κ ≈ R̄ (D − R̄²) / (1 − R̄²).
+
+  Larger κ = more concentrated. With few samples R̄ is biased upwards (n = 2 random directions
+  give R̄ ≈ 1/√2 even in high dimension), so compare κ across training at a fixed n, D.
+
+  Args:
+    x: [..., n, D] float, n ≥ 2 samples per set.
+    epsilon: floor on 1 − R̄², so identical samples (R̄ = 1) give a large finite κ.
+
+  Returns:
+    [...] float32 κ per set.
+  """
+  if x.ndim < 2 or x.shape[-2] < 2:
+    raise ValueError(f"vmf_kappa needs x [..., n, D] with n >= 2 samples, got shape {x.shape}")
+  d = x.shape[-1]
+  r = jnp.linalg.norm(jnp.mean(_normalized_f32(x), axis=-2), axis=-1)
+  r2 = jnp.square(r)
+  return r * (d - r2) / jnp.maximum(1.0 - r2, epsilon)

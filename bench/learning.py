@@ -111,8 +111,8 @@ def pretrain_config(method: str, backbone: str, dataset: str, steps: int, batch_
 def eval_images(source, image_size: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
   images, labels = [], []
   for batch in pipeline.eval_batches(source, image_size=image_size, batch_size=256, limit=limit):
-    images.append(batch["image"])
-    labels.append(batch["label"])
+    images.append(batch["image"][batch["valid"]])
+    labels.append(batch["label"][batch["valid"]])
   return np.concatenate(images), np.concatenate(labels)
 
 

@@ -75,6 +75,14 @@ def state_shardings(abstract_state: Any, mesh: Mesh, fsdp: bool) -> Any:
   return jax.tree.map(rule, abstract_state)
 
 
+def to_host(tree: Any) -> Any:
+  """Global arrays -> numpy with all rows on every host (all-gathered across processes)."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Assembles each process's local batch into global arrays sharded on "data"."""
   sharding = batch_sharding(mesh)

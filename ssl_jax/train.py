@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Callable, Mapping
 
 import jax
@@ -25,7 +24,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from ssl_jax import checkpoint, config_lib, optim, parallel, registry, weights
+from etils import epath
+
+from ssl_jax import checkpoint, config_lib, optim, parallel, paths, registry, weights
 from ssl_jax.data import pipeline
 from ssl_jax.evaluate import evaluators as evaluators_lib
 from ssl_jax.evaluate import online_probe
@@ -170,15 +171,29 @@ def build(config: ml_collections.ConfigDict, mesh=None, source=None) -> Setup:
   def init_sharded(batch):
     return jax.jit(init_state, out_shardings=state_sharding)(batch)
 
-  def predict_fn(ts, images):
-    """Eval-mode backbone outputs of uint8 images [B, H, W, 3] (the evaluators' input)."""
-    return method.backbone.apply(method.encoder(ts["params"], ts["state"]),
-                                 base.normalized(images), train=False)
+  predict_fn = make_predict_fn(method, mesh)
 
   return Setup(config=config, mesh=mesh, method=method, source=source, views=views,
                batch_spec=spec, tx=tx, schedule=schedule, train_step=jitted,
                state_sharding=state_sharding, init_state=init_sharded, constants=constants,
                provenance=provenance, predict_fn=predict_fn)
+
+
+def make_predict_fn(method: base.Method, mesh) -> Callable:
+  """The evaluators' predict function (`ssl_jax.evaluate.evaluators`):
+  predict(ts, local_images [b, H, W, 3] uint8, select) -> host arrays of `select(outputs)` for the
+  whole global batch, where outputs is the backbone's eval-mode output dict. Each process passes
+  its rows; one jitted program per `select`."""
+  compiled: dict = {}
+
+  def predict(ts, images, select):
+    if select not in compiled:
+      compiled[select] = jax.jit(lambda ts, x: select(method.backbone.apply(
+          method.encoder(ts["params"], ts["state"]), base.normalized(x), train=False)))
+    x = parallel.global_batch({"x": np.asarray(images)}, mesh)["x"]
+    return parallel.to_host(compiled[select](ts, x))
+
+  return predict
 
 
 def _check_views(config, spec: Mapping[str, jax.ShapeDtypeStruct],
@@ -212,12 +227,14 @@ def _load_constants(config, method: base.Method) -> tuple[Any, dict]:
   return jax.tree.map(np.asarray, loaded.tree), provenance
 
 
-def make_data_iterator(setup: Setup):
+def make_data_iterator(setup: Setup, start_step: int = 0):
+  """This process's local batches from global batch `start_step` on: the data position of a run
+  is its step (`ssl_jax.data.pipeline`), at any process count."""
   c = setup.config
   ds = pipeline.train_dataset(setup.source, seed=c.train.seed, batch_size=c.train.batch_size,
                               transform=setup.views, num_workers=c.data.num_workers,
                               prefetch=c.data.prefetch, process_index=jax.process_index(),
-                              process_count=jax.process_count())
+                              process_count=jax.process_count(), start_step=start_step)
   return iter(ds)
 
 
@@ -260,10 +277,9 @@ def _init_from(setup: Setup, ts):
 def _write_config(workdir: str, config, provenance: dict, resumed: bool) -> None:
   """config.json: the resolved config plus the provenance of weights it was started from; a
   resumed run keeps the recorded provenance and refuses changed frozen constants."""
-  path = os.path.join(workdir, "config.json")
-  if resumed and os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      recorded = json.load(f).get("provenance", {})
+  path = epath.Path(workdir) / "config.json"
+  if resumed and path.exists():
+    recorded = json.loads(path.read_text()).get("provenance", {})
     for name, now in provenance.get("constants", {}).items():
       then = recorded.get("constants", {}).get(name)
       if then and then["sha256"] != now["sha256"]:
@@ -274,10 +290,7 @@ def _write_config(workdir: str, config, provenance: dict, resumed: bool) -> None
     provenance = {**provenance, **{k: v for k, v in recorded.items() if k != "constants"}}
   out = json.loads(config.to_json_best_effort(sort_keys=True))
   out["provenance"] = provenance
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(out, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  paths.write_atomic(path, json.dumps(out, indent=2, sort_keys=True))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None = None,
@@ -288,28 +301,28 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | Non
   preemption would. `source`/`mesh` override the config's (tests, notebooks).
   """
   parallel.initialize_distributed()
+  workdir = paths.check_workdir(workdir)
   setup = build(config, mesh=mesh, source=source)
   config = setup.config
-  os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
   resumed = manager.latest_step() is not None
   if is_main:
     _write_config(workdir, config, setup.provenance, resumed)
 
-  data_it = make_data_iterator(setup)
   abstract = jax.eval_shape(setup.init_state, setup.batch_spec)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, setup.state_sharding)
   total = config.train.total_steps
   if resumed:
-    start, ts = checkpoint.restore(manager, abstract, data_it)
+    start, ts = checkpoint.restore(manager, abstract)
   else:
     ts = setup.init_state(setup.zeros_batch())
     if config.init_from.source:
       ts = _init_from(setup, ts)
     start = 0
   stop_at = total if max_steps is None else min(total, max_steps)
+  data_it = make_data_iterator(setup, start_step=start)
   if is_main:
     console(_start_line(setup, workdir, start, stop_at))
 
@@ -320,7 +333,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | Non
       writer.write(0, ev.run(ts))
   chrono = Chrono(total_steps=total, start_step=start, batch_size=config.train.batch_size,
                   num_cores=jax.device_count(), show_bar=is_main and config.train.progress_bar)
-  preempted = checkpoint.PreemptionFlag().install()
+  preempted = checkpoint.PreemptionFlag().install()  # SIGTERM: save and exit, on every host
   last_metrics: dict = {}
   counters = {name: 0 for name in pipeline.HOST_COUNTERS}
   step = start
@@ -347,12 +360,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | Non
           writer.write(step, result)
           if is_main:
             console(format_metrics(step, total, result))
-      save_now = (step % config.train.checkpoint_every_steps == 0 or step == stop_at
-                  or preempted.is_set())
-      if save_now:
+      stop_now = preempted.reached(step)
+      if step % config.train.checkpoint_every_steps == 0 or step == stop_at or stop_now:
         _check_finite(pending, workdir)  # never save after a non-finite step
-        checkpoint.save(manager, step, ts, data_it, force=True)
-      if preempted.is_set():
+        checkpoint.save(manager, step, ts, force=True)
+      if stop_now:
         if is_main:
           console(f"SIGTERM received: saved step {step}, exiting")
         break

@@ -90,6 +90,7 @@ def test_linear_eval_from_workdir_matches_numpy_reference(pretrain_workdir, tmp_
   test_source = linear_eval.registry.get_source("builtin_photos", **config.data.test_args)
   batch = next(pipeline.eval_batches(test_source, image_size=32, batch_size=1000,
                                      crop_fraction=config.data.crop_fraction))
+  batch = {k: v[batch["valid"]] for k, v in batch.items()}
   x = np.asarray(module.apply(
       variables, linear_eval.normalize(jnp.asarray(batch["image"], jnp.float32) / 255.0),
       train=False)["pooled"], np.float64)

@@ -27,7 +27,9 @@ import os
 from typing import Any, Mapping, Optional
 
 from absl import app, flags
+from etils import epath
 
+from ssl_jax import paths
 from ssl_jax.export import torch as torch_export
 
 FORMATS = ("safetensors", "pt")
@@ -54,13 +56,13 @@ def export(variables: Mapping, arch: Any, out_path: str, metadata: Optional[Mapp
             "arch_fields": json.dumps(fields, sort_keys=True, default=str),
             "torch_model": torch_export.torch_model_code({"name": name, **resolved})}
   header.update({str(k): str(v) for k, v in (metadata or {}).items()})
-  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-  if fmt == "safetensors":
-    from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-    save_file(state_dict, out_path, metadata=header)
-  else:
-    import torch  # pylint: disable=import-outside-toplevel
-    torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, out_path)
+  with paths.local_output(out_path) as local:
+    if fmt == "safetensors":
+      from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+      save_file(state_dict, local, metadata=header)
+    else:
+      import torch  # pylint: disable=import-outside-toplevel
+      torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, local)
   return state_dict
 
 
@@ -74,8 +76,7 @@ def load_from_workdir(workdir: str, step: Optional[int], part: str) -> tuple[Map
 
 def run_metadata(workdir: str) -> dict:
   """Method name and a hash of the run's config.json, so an export names what produced it."""
-  with open(os.path.join(workdir, "config.json"), "rb") as f:
-    raw = f.read()
+  raw = (epath.Path(workdir) / "config.json").read_bytes()
   return {"method": json.loads(raw).get("method", ""),
           "config_sha256": hashlib.sha256(raw).hexdigest()}
 
@@ -100,7 +101,7 @@ def main(argv) -> None:
     raise app.UsageError("--workdir is required")
   variables, arch, step = load_from_workdir(FLAGS.workdir, FLAGS.step, FLAGS.part)
   name, _ = torch_export.parse_arch(arch)
-  out = FLAGS.out or os.path.join(FLAGS.workdir, "export", f"{name}_{step}.{FLAGS.format}")
+  out = FLAGS.out or str(epath.Path(FLAGS.workdir) / "export" / f"{name}_{step}.{FLAGS.format}")
   state_dict = export(variables, arch, out, fmt=FLAGS.format,
                       metadata={"workdir": FLAGS.workdir, "step": step, "part": FLAGS.part,
                                 **run_metadata(FLAGS.workdir)})
@@ -119,9 +120,9 @@ def export_heads(workdir: str, step: Optional[int], out_path: str) -> int:
   step, state = checkpoint.load_state(workdir, step)
   stats = (state.get("state") or {}).get("batch_stats", {})
   state_dict, layouts = torch_export.heads_to_torch_state_dict(state["params"], stats)
-  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-  save_file(state_dict, out_path, metadata={"step": str(step), **run_metadata(workdir),
-                                            **{f"layout.{k}": v for k, v in layouts.items()}})
+  with paths.local_output(out_path) as local:
+    save_file(state_dict, local, metadata={"step": str(step), **run_metadata(workdir),
+                                           **{f"layout.{k}": v for k, v in layouts.items()}})
   return len(state_dict)
 
 

@@ -20,7 +20,8 @@ key, head mean, sum over blocks), 75 % masked, norm-pix MSE reconstruction from 
 by an 8 × 512 (16 heads) decoder, CLS(visible) vs stop-gradient CLS(masked) InfoNCE over the
 global batch × 2τ, τ 0.5, no projector, λ 0.1; AdamW β (0.9, 0.95), lr 1.5e-4 × bs/256, wd 0.05
 (biases and norms excluded, timm's `add_weight_decay`), 40 warmup epochs + cosine, batch 4096
-(32 GPUs × 32 × accumulation 4), 800 epochs; random resized crop (0.2, 1) bicubic + flip.
+(FIDELITY row 16: 32 GPUs × 32 × accumulation 4; the README command we read has no accumulation,
+i.e. 1024, see docs/ccmim.md), 800 epochs; random resized crop (0.2, 1) bicubic + flip.
 `:paper` = the paper's text where it differs: λ 0.2, 2 decoder blocks, batch 1024 (lr follows
 1.5e-4 × bs/256), Eq. 7 NCE, the projector on the CLS tokens, Eq. 4's attention direction
 (CLS query → patch keys). It keeps the flip (no flip-free recipe exists yet; row 20).

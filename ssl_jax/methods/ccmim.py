@@ -216,10 +216,11 @@ def make(config) -> base.Method:
     metrics = {"reconstruction": reconstruction, "contrast": contrast,
                "features": out["features"]}
     if out["importance"] is not None:
-      # Share of softmax(importance) that was masked: 1 − ratio for random masking, more when
-      # the masked set holds the important patches.
-      share = jax.nn.softmax(out["importance"], axis=-1) * out["masking"].mask
-      metrics["masked_importance"] = jnp.mean(jnp.sum(share, axis=-1))
+      # Mean importance of the masked patches over that of all patches: 1 for random masking,
+      # above 1 once the masked set holds the important patches (the paper's Fig. 3a).
+      imp, mask = out["importance"], out["masking"].mask
+      masked_mean = jnp.sum(imp * mask, axis=-1) / jnp.sum(mask, axis=-1)
+      metrics["masked_importance_ratio"] = jnp.mean(masked_mean / jnp.mean(imp, axis=-1))
     return loss, ({**state, "batch_stats": stats}, metrics)
 
   def after_update(state, params, step):

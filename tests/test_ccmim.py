@@ -295,7 +295,8 @@ def test_configs_and_validation():
                                 ("contrast_weight", -1.0, "contrast_weight=-1.0 must be >= 0")):
     with pytest.raises(config_lib.ConfigError, match=f"config.method_args.{message}"):
       config_lib.validate(_config(**{field: value}), num_devices=1)
-  config_lib.validate(_config("test,paper"), num_devices=1)
+  for arg in (None, "demo", "test", "paper", "demo,paper", "test,paper", "epochs=300"):
+    config_lib.validate(load_config("ccmim", arg), num_devices=8 if arg == "test" else 1)
 
 
 def test_workdir_encoder_is_a_plain_vit(tmp_path):

@@ -166,6 +166,8 @@ def test_paper_recipe_config():
   assert c.method_args.to_dict() == {"mask_ratio": 0.75, "norm_pix_loss": True,
                                      "decoder_dim": 512, "decoder_depth": 8, "decoder_heads": 16}
   assert c.data.views == "mae" and c.optim.exclude_from_decay == "bias_and_norm"
+  for arg in (None, "demo", "test", "epochs=1600"):
+    config_lib.validate(load_config("mae", arg), num_devices=8 if arg == "test" else 1)
 
 
 def test_workdir_encoder_is_a_plain_vit_that_fine_tunes(tmp_path):

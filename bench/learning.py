@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # this checkout's ssl_jax, not another editable install's
 
 from ssl_jax import config_lib, registry, train  # noqa: E402
 from ssl_jax.data import pipeline  # noqa: E402
@@ -43,7 +44,9 @@ BACKBONES = {
             "pos_embed": "sincos", "pool": "mean"},
 }
 METHOD_CONFIGS = {"simclr": "simclr", "byol": "byol", "mocov2": "mocov2", "mocov3": "mocov3",
-                  "detcon_b": "detcon_b", "detcon_s": "detcon_s"}
+                  "detcon_b": "detcon_b", "detcon_s": "detcon_s", "mae": "mae", "ccmim": "ccmim"}
+# Masked-image methods drop patches: they only run on the ViT.
+VIT_ONLY = {"mae", "ccmim"}
 SHORT_RUN_LR = {"lars": 1.0, "sgd": 0.1, "adamw": 2e-3}
 PROBE = dict(epochs=30, batch_size=128, lr=0.1, weight_decay=1e-4, optimizer="sgd",
              normalize="bn_noaffine")
@@ -173,6 +176,9 @@ def main(argv=None) -> dict:
   extra = [(backbones[0], m) for m in args.extra_methods.split(",") if m]
   last_seconds = {}
   for backbone, method in runs + extra:
+    if method in VIT_ONLY and backbone != "vit":
+      print(f"{backbone:8s} {method:12s} skipped: needs the ViT backbone", flush=True)
+      continue
     if (backbone, method) in extra:
       projected = time.perf_counter() - t0 + last_seconds.get(backbone, 0.0)
       if projected > 60 * args.budget_minutes:

@@ -286,3 +286,39 @@ def vmf_kappa(x: jax.Array, epsilon: float = 1e-6) -> jax.Array:
   r = jnp.linalg.norm(jnp.mean(_normalized_f32(x), axis=-2), axis=-1)
   r2 = jnp.square(r)
   return r * (d - r2) / jnp.maximum(1.0 - r2, epsilon)
+
+
+# --- ccMIM ---
+
+
+def ccmim_nce(h_vis: jax.Array, h_mask: jax.Array, temperature: float) -> jax.Array:
+  """ccMIM's NCE loss as written in the paper (Zhang et al. 2023, Eq. 7), an option of the method.
+
+  With v_i = h_vis_i/‖h_vis_i‖ and m_i = h_mask_i/‖h_mask_i‖ (cosine similarity),
+
+      loss = mean_i −log [ e^{m_i·v_i/τ} / ( Σ_{j≠i} e^{v_i·v_j/τ} + Σ_j e^{m_i·v_j/τ} ) ],
+
+  i.e. visible–visible negatives of the visible anchor plus the masked representation of image i
+  against every visible one (its positive, j = i, included), exactly the index pattern of Eq. 7.
+  The stop-gradient of Eq. 7 (SG on h^M) is the caller's: pass `jax.lax.stop_gradient(h_mask)`.
+
+  The official code does not use this form: it takes the visible queries against the gathered
+  masked keys, MoCo v3 style, `2τ · info_nce(h_vis, SG(h_mask), τ)` (FIDELITY row 18).
+
+  Args:
+    h_vis: [N, D] float representations of the visible sets (the student).
+    h_mask: [N, D] float representations of the masked sets (the teacher).
+    temperature: τ > 0.
+
+  Returns:
+    Scalar float32; N is the global batch axis. With N = 1 the denominator is the positive alone
+    and the loss is 0.
+  """
+  if h_vis.shape != h_mask.shape or h_vis.ndim != 2:
+    raise ValueError(f"h_vis {h_vis.shape} and h_mask {h_mask.shape} must both be [N, D]")
+  v, m = _normalized_f32(h_vis), _normalized_f32(h_mask)
+  n = v.shape[0]
+  logits_vv = v @ v.T / temperature - _INFINITY_PROXY * jnp.eye(n, dtype=jnp.float32)
+  logits_mv = m @ v.T / temperature
+  lse = jnp.logaddexp(jax.nn.logsumexp(logits_vv, axis=-1), jax.nn.logsumexp(logits_mv, axis=-1))
+  return jnp.mean(lse - jnp.diagonal(logits_mv))

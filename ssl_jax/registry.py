@@ -15,6 +15,8 @@ METHODS = {
     "mocov3": "ssl_jax.methods.moco",
     "detcon_b": "ssl_jax.methods.detcon",
     "detcon_s": "ssl_jax.methods.detcon",
+    "mae": "ssl_jax.methods.mae",
+    "ccmim": "ssl_jax.methods.ccmim",
 }
 
 

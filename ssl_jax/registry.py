@@ -15,6 +15,8 @@ METHODS = {
     "mocov3": "ssl_jax.methods.moco",
     "detcon_b": "ssl_jax.methods.detcon",
     "detcon_s": "ssl_jax.methods.detcon",
+    "simmim": "ssl_jax.methods.simmim",
+    "mimco": "ssl_jax.methods.mimco",
 }
 
 

@@ -268,15 +268,19 @@ def test_ablations_and_swin(arg, overrides):
 
   @jax.jit
   def run(params, consts):
-    loss, (_, metrics) = method.loss_and_aux(params, state, batch, rng, jnp.int32(0), consts)
+    (loss, (_, metrics)), teacher_grads = jax.value_and_grad(
+        lambda c: method.loss_and_aux(params, state, batch, rng, jnp.int32(0), c),
+        has_aux=True)(consts)
     view_rng, _, dropout_rng = jax.random.split(rng, 3)
     x = base.augmented_views(view_rng, batch["image"], config.data.views)[:, 0]
     out, _ = base.apply_train(nets["net"], params, state["batch_stats"], x, None,
                               rngs={"dropout": dropout_rng})
-    return loss, metrics, out, teacher.apply(consts["teacher"], x, train=False)["feature_map"]
+    fmap = teacher.apply(consts["teacher"], x, train=False)["feature_map"]
+    return loss, metrics, out, fmap, teacher_grads
 
-  loss, metrics, out, fmap = jax.device_get(run(params, setup.constants))
+  loss, metrics, out, fmap, teacher_grads = jax.device_get(run(params, setup.constants))
   assert np.isfinite(float(loss))
+  assert all(not np.any(g) for g in jax.tree.leaves(teacher_grads))
   if overrides:
     # Distillation (no mask, no mask token: every position counts) with the ℓ1 patch loss on
     # the teacher's per-position standardised features; no image loss, queues or EMA heads.

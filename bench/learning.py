@@ -44,9 +44,13 @@ BACKBONES = {
             "pos_embed": "sincos", "pool": "mean"},
 }
 METHOD_CONFIGS = {"simclr": "simclr", "byol": "byol", "mocov2": "mocov2", "mocov3": "mocov3",
-                  "detcon_b": "detcon_b", "detcon_s": "detcon_s", "mae": "mae", "ccmim": "ccmim"}
-# Masked-image methods drop patches: they only run on the ViT.
-VIT_ONLY = {"mae", "ccmim"}
+                  "detcon_b": "detcon_b", "detcon_s": "detcon_s", "mae": "mae", "ccmim": "ccmim",
+                  "simmim": "simmim", "mimco": "mimco"}
+# Masked-image methods drop or mask patches: they only run on the ViT.
+VIT_ONLY = {"mae", "ccmim", "simmim", "mimco"}
+# Two-stage methods: the method whose run (same backbone, same bench) is the frozen teacher; it is
+# pretrained first when this bench has not run it yet.
+TEACHERS = {"mimco": "mocov3"}
 SHORT_RUN_LR = {"lars": 1.0, "sgd": 0.1, "adamw": 2e-3}
 PROBE = dict(epochs=30, batch_size=128, lr=0.1, weight_decay=1e-4, optimizer="sgd",
              normalize="bn_noaffine")
@@ -108,6 +112,10 @@ def pretrain_config(method: str, backbone: str, dataset: str, steps: int, batch_
         config.data.masks = "grid"
     else:
       config.data.source, config.data.source_args = source, config_lib.ConfigDict(args)
+    if "mask_patch_size" in config.method_args:
+      # SimMIM's 32 px of 224 at this resolution: 16 mask patches per image, as the :demo configs.
+      patch = BACKBONES[backbone].get("patch_size", 1)
+      config.method_args.mask_patch_size = max(patch, image_size // 4 // patch * patch)
   return config
 
 
@@ -188,10 +196,26 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     config = pretrain_config(method, backbone, args.dataset, args.steps, args.batch_size,
                              args.image_size, args.lr_scale, args.vit_optimizer)
+    if method in TEACHERS:
+      teacher = TEACHERS[method]
+      teacher_dir = os.path.join(workroot, f"{backbone}_{teacher}")
+      if not os.path.isdir(os.path.join(teacher_dir, "checkpoints")):
+        t_config = pretrain_config(teacher, backbone, args.dataset, args.steps, args.batch_size,
+                                   args.image_size, args.lr_scale, args.vit_optimizer)
+        t_ts = train.run(t_config, teacher_dir)["state"]
+        t_method = registry.get_method(t_config.method).make(t_config)
+        feats = tuple(encoded(t_method, t_ts["params"], t_ts["state"], x)
+                      for x in (x_train, x_test))
+        add(backbone, f"{teacher} (teacher)", probe(feats, labels, num_classes,
+                                                    epochs=args.probe_epochs),
+            time.perf_counter() - start)
+      with config.unlocked():
+        config.method_args.teacher = teacher_dir
+        config.method_args.teacher_command = ""
     out = train.run(config, os.path.join(workroot, f"{backbone}_{method}"))
     # The method's own `encode` gives the frozen features (eval mode, BN running statistics).
     m = registry.get_method(config.method).make(config)
-    if not any(r["backbone"] == backbone for r in rows):
+    if not any(r["backbone"] == backbone and r["method"] == "random init" for r in rows):
       # Random init: the trainer's initial state (before any step), same architecture and seed.
       setup0 = train.build(config)
       ts0 = jax.device_get(setup0.init_state(setup0.zeros_batch()))

@@ -322,3 +322,67 @@ def ccmim_nce(h_vis: jax.Array, h_mask: jax.Array, temperature: float) -> jax.Ar
   logits_mv = m @ v.T / temperature
   lse = jnp.logaddexp(jax.nn.logsumexp(logits_vv, axis=-1), jax.nn.logsumexp(logits_mv, axis=-1))
   return jnp.mean(lse - jnp.diagonal(logits_mv))
+
+
+# --- MimCo ---
+
+
+def masked_info_nce(q: jax.Array, k: jax.Array, mask: jax.Array, negatives: jax.Array,
+                    temperature: float) -> jax.Array:
+  """MimCo's patch-level reconstruction loss (Zhou et al. 2022, Eq. 1).
+
+  For every position i of every image b, with q̄, k̄, n̄ the L2-normalised vectors,
+
+      ℓ_bi = −log [exp(q̄_bi·k̄_bi/τ) / (exp(q̄_bi·k̄_bi/τ) + Σ_j exp(q̄_bi·n̄_j/τ))],
+
+  the positive is the key at the same position and the negatives are the K queue entries only
+  (Eq. 1 prints the negative term as q_j·k_j; read as q_i·k_j, the MoBY `contrastive_loss` the
+  paper follows). The loss is the mean of ℓ over the masked positions:
+  Σ_bi m_bi ℓ_bi / Σ_bi m_bi, so a visible position's prediction has no effect (Eq. 1 averages over
+  the M masked patches of an image; every image has the same M under SimMIM's masking, so this is
+  also the mean of the per-image means). An all-visible mask gives 0.
+
+  Args:
+    q: [B, N, D] float student predictions p₂(p₁(f(x, m))) at the N feature-map positions.
+    k: [B, N, D] float keys p₃(f'(x)) of the full image (the caller stops their gradient).
+    mask: [B, N] bool or float, True/1 = masked (counted).
+    negatives: [K, D] float queue (normalised again here).
+    temperature: τ > 0 (0.2).
+
+  Returns:
+    Scalar float32; B is the global batch axis.
+  """
+  if q.shape != k.shape or q.ndim != 3 or mask.shape != q.shape[:2]:
+    raise ValueError(f"q {q.shape} and k {k.shape} must both be [B, N, D] and mask {mask.shape} "
+                     "[B, N]")
+  if negatives.ndim != 2 or negatives.shape[1] != q.shape[2]:
+    raise ValueError(f"negatives {negatives.shape} must be [K, D] with D = {q.shape[2]}")
+  q, k = _normalized_f32(q), _normalized_f32(k)
+  positive = jnp.sum(q * k, axis=-1) / temperature                          # [B, N]
+  negative = jnp.einsum("bnd,kd->bnk", q, _normalized_f32(negatives)) / temperature
+  lse = jnp.logaddexp(positive, jax.nn.logsumexp(negative, axis=-1))
+  m = mask.astype(jnp.float32)
+  return jnp.sum(m * (lse - positive)) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def masked_feature_l1(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
+  """ℓ1 feature regression over masked positions (MimCo Table 7's MaskFeat-style baseline).
+
+      loss = Σ_bi m_bi · mean_c |pred_bic − target_bic| / Σ_bi m_bi
+
+  (0 for an all-visible mask).
+
+  Args:
+    pred: [B, N, C] float student predictions.
+    target: [B, N, C] float teacher features (the caller stops their gradient).
+    mask: [B, N] bool or float, True/1 = masked (counted).
+
+  Returns:
+    Scalar float32; B is the global batch axis.
+  """
+  if pred.shape != target.shape or pred.ndim != 3 or mask.shape != pred.shape[:2]:
+    raise ValueError(f"pred {pred.shape} and target {target.shape} must both be [B, N, C] and "
+                     f"mask {mask.shape} [B, N]")
+  per_position = jnp.mean(jnp.abs(pred.astype(jnp.float32) - target.astype(jnp.float32)), -1)
+  m = mask.astype(jnp.float32)
+  return jnp.sum(m * per_position) / jnp.maximum(jnp.sum(m), 1.0)

@@ -17,6 +17,8 @@ METHODS = {
     "detcon_s": "ssl_jax.methods.detcon",
     "mae": "ssl_jax.methods.mae",
     "ccmim": "ssl_jax.methods.ccmim",
+    "simmim": "ssl_jax.methods.simmim",
+    "mimco": "ssl_jax.methods.mimco",
 }
 
 

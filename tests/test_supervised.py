@@ -115,7 +115,7 @@ def test_sigterm_saves_and_the_rerun_finishes_identically(backbone, uninterrupte
   _, full = uninterrupted
   workdir = str(tmp_path)
   stopped = linear_eval.run(_config(), workdir, backbone=backbone,
-                            train_source=_SigtermAfter(after=20))
+                            train_source=_SigtermAfter(after=36))
   assert not stopped["complete"] and 1 <= stopped["step"] < 6
   assert checkpoint.latest_step(workdir) == stopped["step"]  # saved at once, not at a multiple
   resumed = linear_eval.run(_config(), workdir, backbone=backbone)

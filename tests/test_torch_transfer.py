@@ -82,17 +82,15 @@ def test_frozen_bn_detection_backbone_loads_the_export_strictly(exported):
   """torchvision's detection recipes freeze BN (FrozenBatchNorm2d) and the stem + layer1 of a
   pretrained backbone: the export loads there too (FrozenBatchNorm2d drops the
   num_batches_tracked entries the export carries) and gives the same maps."""
-  _need("torchvision")
-  from torchvision.models.detection import MaskRCNN  # pylint: disable=import-outside-toplevel
-  from torchvision.models.detection.backbone_utils import (  # pylint: disable=import-outside-toplevel
-      resnet_fpn_backbone)
-  from torchvision.ops.misc import FrozenBatchNorm2d  # pylint: disable=import-outside-toplevel
+  torchvision = _need("torchvision")
+  detection = torchvision.models.detection
+  frozen_bn = torchvision.ops.misc.FrozenBatchNorm2d
   _, _, state_dict = exported
-  backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None,
-                                 norm_layer=FrozenBatchNorm2d, trainable_layers=3)
+  backbone = detection.backbone_utils.resnet_fpn_backbone(
+      backbone_name="resnet50", weights=None, norm_layer=frozen_bn, trainable_layers=3)
   result = backbone.body.load_state_dict(state_dict, strict=True)
   assert not result.missing_keys and not result.unexpected_keys
-  detector = MaskRCNN(backbone, num_classes=91)
+  detector = detection.MaskRCNN(backbone, num_classes=91)
   trainable = {n.split(".")[2] for n, p in detector.named_parameters()
                if n.startswith("backbone.body.") and p.requires_grad}
   assert trainable == {"layer2", "layer3", "layer4"}

@@ -37,7 +37,6 @@ pretrained features).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import flax.linen as nn

@@ -481,6 +481,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, make_protocol: Callable
     complete run writes `<name>_summary.json`.
   """
   parallel.initialize_distributed()
+  mesh = mesh or parallel.make_mesh()
+  validate(config, mesh.size)  # before loading any weights
   provenance = {}
   if backbone is None:
     backbone = backbone_of(config)
@@ -504,6 +506,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, make_protocol: Callable
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             jax.eval_shape(setup.init_state), setup.state_sharding)
     start, ts = checkpoint.restore(manager, abstract, data_it)
+    if start > total:
+      manager.close()
+      raise ConfigError(f"{workdir} holds a checkpoint at step {start}, past the {total} steps "
+                        "this config schedules (config.train.num_epochs / total_steps or the "
+                        "data changed); evaluate into a new workdir")
   else:
     start, ts = 0, setup.init_state()
   stop_at = total if max_steps is None else min(total, max_steps)

@@ -219,6 +219,26 @@ def test_every_variant_validates():
     load_config("finetune", "simmim,model=swin_tiny")
 
 
+def test_documented_imagenet_subset_overrides_reach_the_source(monkeypatch):
+  """The linear-eval docstring's 10 % and ImageNet-100 overrides are existing config fields
+  (a locked config refuses new ones, as a command-line override of a missing field fails) that
+  the tfds source takes (`--config.data.train_args.split='train[:10%]'`, `...classes=...`)."""
+  from ssl_jax.data import tfds_source  # pylint: disable=import-outside-toplevel
+  config = load_config("linear_eval", None)
+  config.lock()
+  config.data.train_args.split = "train[:10%]"
+  config.data.train_args.classes = "imagenet100"
+  config.data.num_classes = 100
+  with pytest.raises(AttributeError):
+    config.data.train_args.clases = "imagenet100"
+  made = {}
+  monkeypatch.setattr(tfds_source, "TfdsSource", lambda **kwargs: made.update(kwargs))
+  linear_eval.supervised.registry.get_source(config.data.source,
+                                             **config.data.train_args.to_dict())
+  assert made == {"name": "imagenet2012", "split": "train[:10%]", "data_dir": "",
+                  "classes": "imagenet100"}
+
+
 def test_loop_device_batch_and_finite_guard():
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
   spec = {"image": jax.ShapeDtypeStruct((8, 4, 4, 3), jnp.uint8)}

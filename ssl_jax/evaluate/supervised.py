@@ -114,10 +114,12 @@ def base_config(protocol: str) -> ml_collections.ConfigDict:
           {k: ml_collections.config_dict.placeholder(t) for k, t in _MODEL_FIELDS.items()})})
   c.data = ml_collections.ConfigDict({
       "source": "tfds",
+      # split: tfds syntax ("train[:10%]"); classes: "" or an ImageNet subset ("imagenet100",
+      # then num_classes=100) or a file of wnids (`ssl_jax.data.imagenet`).
       "train_args": ml_collections.ConfigDict({"name": "imagenet2012", "split": "train",
-                                               "data_dir": ""}),
+                                               "data_dir": "", "classes": ""}),
       "test_args": ml_collections.ConfigDict({"name": "imagenet2012", "split": "validation",
-                                              "data_dir": ""}),
+                                              "data_dir": "", "classes": ""}),
       "num_classes": 1000,
       "image_size": 224,
       "crop_fraction": 224 / 256,      # eval: resize to 256, centre crop 224

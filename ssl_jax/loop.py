@@ -8,18 +8,18 @@ one piece of code, here:
   * `keep_if_finite`, called inside the jitted step: a non-finite loss or gradient norm leaves
     the state untouched, so the in-memory state and the last checkpoint stay good;
   * `run_steps`: next batch -> step -> log line (metrics.jsonl and one compact console line) ->
-    periodic evaluations -> checkpoint of the state *and* the data iterator (every N steps, at the
-    end, and at once on SIGTERM, then exit). The finite check reads the previous step's flag, so
-    the host never waits on the step it just dispatched.
-A resumed run restores the state and the iterator position (`ssl_jax.checkpoint`) and draws the
-keys `fold_in(seed, step)`, so it continues with exactly the batches and randomness of an
-uninterrupted run.
+    periodic evaluations -> checkpoint of the state (every N steps, at the end, and at once on
+    SIGTERM, then exit: on several hosts, all at the step they agree on). The finite check reads
+    the previous step's flag, so the host never waits on the step it just dispatched.
+A resumed run restores the state (`ssl_jax.checkpoint`), reads the data from its step on (the
+data position is the step: `ssl_jax.data.pipeline`) and draws the keys `fold_in(seed, step)`, so
+it continues with exactly the batches and randomness of an uninterrupted run, at any process
+count.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
@@ -27,7 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ssl_jax import checkpoint, parallel
+from etils import epath
+
+from ssl_jax import checkpoint, parallel, paths
+from ssl_jax.config_lib import ConfigError
 from ssl_jax.metrics import Chrono, MetricsWriter, console, format_metrics
 
 
@@ -97,16 +100,39 @@ def check_finite(pending: tuple[int, Mapping[str, Any]] | None, workdir: str) ->
         f" the data.")
 
 
-def write_run_config(workdir: str, config, provenance: Mapping[str, Any]) -> None:
+def _weight_inputs(provenance: Mapping[str, Any]) -> dict[str, dict]:
+  """{label: {"source", "sha256", ...}} of the recorded weight inputs: "backbone" (an evaluated
+  network), "constants.<name>" (frozen networks) and "init_from"."""
+  out = {k: v for k, v in provenance.items() if k != "constants" and isinstance(v, Mapping)}
+  out.update({f"constants.{k}": v for k, v in provenance.get("constants", {}).items()})
+  return out
+
+
+def write_run_config(workdir: str, config, provenance: Mapping[str, Any],
+                     resumed: bool = False) -> None:
   """`workdir/config.json`: the resolved config plus "provenance" (source and sha256 of the
-  weights a run started from), written atomically (a kill mid-write leaves the old file)."""
-  path = os.path.join(workdir, "config.json")
+  weights the run reads), written atomically (a kill mid-write leaves the old file).
+
+  A resumed run refuses weights it keeps reading (an evaluated backbone, frozen constants) that
+  changed since it started, and keeps the recorded `init_from` (its weights live in the
+  checkpoint now).
+  """
+  path = epath.Path(workdir) / "config.json"
+  provenance = dict(provenance)
+  if resumed and path.exists():
+    recorded = json.loads(path.read_text()).get("provenance", {})
+    then = _weight_inputs(recorded)
+    for label, now in _weight_inputs(provenance).items():
+      if label != "init_from" and label in then and then[label]["sha256"] != now["sha256"]:
+        raise ConfigError(
+            f"{label}: {now['source']} changed since this run started (sha256 "
+            f"{then[label]['sha256'][:12]}... then, {now['sha256'][:12]}... now); restore it or "
+            "run in a new workdir")
+    if "init_from" in recorded:
+      provenance["init_from"] = recorded["init_from"]
   out = json.loads(config.to_json_best_effort(sort_keys=True))
-  out["provenance"] = dict(provenance)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(out, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  out["provenance"] = provenance
+  paths.write_atomic(path, json.dumps(out, indent=2, sort_keys=True))
 
 
 @dataclasses.dataclass
@@ -142,8 +168,8 @@ def run_steps(step_fn: Callable[[Any, dict], tuple[Any, dict]], state: Any,
     step_fn: jitted (state, device batch) -> (state, metrics); metrics holds scalar "loss" and
       "finite" (`keep_if_finite`) and anything else worth logging.
     state: the train state at `start` (a fresh or a restored one).
-    data_it: grain iterator of process-local batches, positioned after `start` steps; saved with
-      the state at every checkpoint.
+    data_it: iterator of process-local batches, positioned after `start` steps (the data
+      position of a run is its step: `ssl_jax.data.pipeline.train_dataset(start_step=...)`).
     to_device: local batch -> global device batch (`device_batch` with the step's spec).
     start, stop_at, total: steps done, where to stop (a preemption test or `max_steps`), and the
       length of the schedule (log lines read `step s/total`; evaluations run at `total`).
@@ -195,10 +221,11 @@ def run_steps(step_fn: Callable[[Any, dict], tuple[Any, dict]], state: Any,
           writer.write(step, result)
           if is_main:
             console(format_metrics(step, total, result))
-      if step % checkpoint_every == 0 or step == stop_at or preempted.is_set():
+      stop_now = preempted.reached(step)  # every host agrees on the step (multi-host)
+      if step % checkpoint_every == 0 or step == stop_at or stop_now:
         check_finite(pending, workdir)  # never save after a non-finite step
-        checkpoint.save(manager, step, state, data_it, force=True)
-      if preempted.is_set():
+        checkpoint.save(manager, step, state, force=True)
+      if stop_now:
         if is_main:
           console(f"SIGTERM received: saved step {step}, exiting")
         break

@@ -15,7 +15,6 @@ the keys an uninterrupted run would; the data iterator state is checkpointed wit
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any, Callable, Mapping
 
 import jax
@@ -24,18 +23,15 @@ import ml_collections
 import numpy as np
 import optax
 
-from etils import epath
-
-from ssl_jax import checkpoint, config_lib, optim, parallel, paths, registry, weights
+from ssl_jax import checkpoint, config_lib, loop, optim, parallel, paths, registry, weights
 from ssl_jax.data import pipeline
 from ssl_jax.evaluate import evaluators as evaluators_lib
 from ssl_jax.evaluate import online_probe
 from ssl_jax.methods import base
-from ssl_jax.metrics import Chrono, MetricsWriter, console, format_metrics
+from ssl_jax.metrics import MetricsWriter, console, format_metrics
 
 
-class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN/Inf; the last good checkpoint is kept."""
+NonFiniteLossError = loop.NonFiniteLossError
 
 
 @dataclasses.dataclass
@@ -65,7 +61,7 @@ class Setup:
     return self.train_step(ts, batch, self.constants)
 
   def device_batch(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-    return device_batch(local, self.mesh, self.batch_spec)
+    return loop.device_batch(local, self.mesh, self.batch_spec)
 
   def zeros_batch(self) -> dict[str, jax.Array]:
     return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), self.batch_spec)
@@ -157,11 +153,9 @@ def build(config: ml_collections.ConfigDict, mesh=None, source=None) -> Setup:
       new["probe"] = {"params": optax.apply_updates(ts["probe"]["params"], p_updates),
                       "opt_state": p_opt}
       metrics.update(probe_metrics)
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # A non-finite step leaves the state untouched: the host stops the run at this step and the
     # last checkpoint (and the in-memory state) stay good.
-    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, ts)
+    new, finite, grad_norm = loop.keep_if_finite(new, ts, loss, grads, updates)
     metrics.update(loss=loss, grad_norm=grad_norm, finite=finite, lr=schedule(step))
     return new, metrics
 
@@ -238,26 +232,6 @@ def make_data_iterator(setup: Setup, start_step: int = 0):
   return iter(ds)
 
 
-def device_batch(local: Mapping[str, np.ndarray], mesh,
-                 spec: Mapping[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
-  """The arrays of `spec` from a process-local batch, as global arrays sharded over "data".
-
-  Host bookkeeping (`id`, `skipped`, crop boxes, ...) stays on the host; a missing key or a
-  wrong per-example shape/dtype is an error naming the key.
-  """
-  out = {}
-  for key, want in spec.items():
-    if key not in local:
-      raise ValueError(f"the batch has no {key!r} (keys: {sorted(local)}); the method's "
-                       "batch_spec and the data pipeline disagree")
-    x = np.asarray(local[key])
-    if x.shape[1:] != tuple(want.shape[1:]) or x.dtype != np.dtype(want.dtype):
-      raise ValueError(f"batch[{key!r}] is {x.dtype}{list(x.shape)}, the method expects "
-                       f"{np.dtype(want.dtype)}{list(want.shape)} (global)")
-    out[key] = x
-  return parallel.global_batch(out, mesh)
-
-
 def _init_from(setup: Setup, ts):
   """Replaces the fresh backbone (and its target copy) by `config.init_from`'s weights."""
   c, method = setup.config.init_from, setup.method
@@ -272,25 +246,6 @@ def _init_from(setup: Setup, ts):
   params, state = method.set_encoder(host["params"], host["state"], variables)
   ts = {**host, "params": params, "state": state}
   return jax.device_put(ts, setup.state_sharding)
-
-
-def _write_config(workdir: str, config, provenance: dict, resumed: bool) -> None:
-  """config.json: the resolved config plus the provenance of weights it was started from; a
-  resumed run keeps the recorded provenance and refuses changed frozen constants."""
-  path = epath.Path(workdir) / "config.json"
-  if resumed and path.exists():
-    recorded = json.loads(path.read_text()).get("provenance", {})
-    for name, now in provenance.get("constants", {}).items():
-      then = recorded.get("constants", {}).get(name)
-      if then and then["sha256"] != now["sha256"]:
-        raise config_lib.ConfigError(
-            f"frozen constant {name!r}: {now['source']} changed since this run started (sha256 "
-            f"{then['sha256'][:12]}... then, {now['sha256'][:12]}... now); restore it or train "
-            f"in a new workdir")
-    provenance = {**provenance, **{k: v for k, v in recorded.items() if k != "constants"}}
-  out = json.loads(config.to_json_best_effort(sort_keys=True))
-  out["provenance"] = provenance
-  paths.write_atomic(path, json.dumps(out, indent=2, sort_keys=True))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None = None,
@@ -308,7 +263,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | Non
   manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
   resumed = manager.latest_step() is not None
   if is_main:
-    _write_config(workdir, config, setup.provenance, resumed)
+    loop.write_run_config(workdir, config, setup.provenance, resumed)
 
   abstract = jax.eval_shape(setup.init_state, setup.batch_spec)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -328,53 +283,24 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | Non
 
   writer = MetricsWriter(workdir, enabled=is_main)
   evaluators = evaluators_lib.make_evaluators(config, setup.predict_fn)
-  if start == 0:
-    for ev in evaluators:
-      writer.write(0, ev.run(ts))
-  chrono = Chrono(total_steps=total, start_step=start, batch_size=config.train.batch_size,
-                  num_cores=jax.device_count(), show_bar=is_main and config.train.progress_bar)
-  preempted = checkpoint.PreemptionFlag().install()  # SIGTERM: save and exit, on every host
-  last_metrics: dict = {}
-  counters = {name: 0 for name in pipeline.HOST_COUNTERS}
-  step = start
-  pending = None  # (step, metrics) of the previous step, checked one step late (no host sync)
   try:
-    while step < stop_at:
-      local = next(data_it)
-      for name in counters:
-        counters[name] += int(np.sum(local.get(name, 0)))
-      ts, metrics = setup.step(ts, setup.device_batch(local))
-      step += 1
-      _check_finite(pending, workdir)
-      pending = (step, metrics)
-      chrono.tick(step)
-      if step % config.train.log_every_steps == 0 or step == stop_at:
-        last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
-        last_metrics.update(chrono.metrics(), **{f"data/{k}": v for k, v in counters.items()})
-        writer.write(step, last_metrics)
-        if is_main:
-          console(format_metrics(step, total, last_metrics))
+    if start == 0:
       for ev in evaluators:
-        if step % ev.every_steps == 0 or step == total:
-          result = ev.run(ts)
-          writer.write(step, result)
-          if is_main:
-            console(format_metrics(step, total, result))
-      stop_now = preempted.reached(step)
-      if step % config.train.checkpoint_every_steps == 0 or step == stop_at or stop_now:
-        _check_finite(pending, workdir)  # never save after a non-finite step
-        checkpoint.save(manager, step, ts, force=True)
-      if stop_now:
+        result = ev.run(ts)
+        writer.write(0, result)
         if is_main:
-          console(f"SIGTERM received: saved step {step}, exiting")
-        break
+          console(format_metrics(0, total, result))
+    outcome = loop.run_steps(
+        setup.step, ts, data_it, to_device=setup.device_batch, start=start, stop_at=stop_at,
+        total=total, manager=manager, workdir=workdir, writer=writer,
+        batch_size=config.train.batch_size, log_every=config.train.log_every_steps,
+        checkpoint_every=config.train.checkpoint_every_steps,
+        periodic=[loop.Periodic(ev.every_steps, ev.run) for ev in evaluators],
+        show_bar=bool(config.train.progress_bar), host_counters=pipeline.HOST_COUNTERS)
   finally:
-    manager.wait_until_finished()
     manager.close()
-    preempted.uninstall()
-    chrono.close()
     writer.close()
-  return {"step": step, "state": ts, **last_metrics}
+  return {"step": outcome.step, "state": outcome.state, **outcome.metrics}
 
 
 def _start_line(setup: Setup, workdir: str, start: int, stop_at: int) -> str:
@@ -384,15 +310,3 @@ def _start_line(setup: Setup, workdir: str, start: int, stop_at: int) -> str:
   return (f"{c.method}: {what}, {stop_at - start} steps of batch {c.train.batch_size} "
           f"({c.model.name}, {c.data.image_size} px) on {len(devices)} {devices[0].platform} "
           f"device{'s' if len(devices) > 1 else ''}, workdir {workdir}")
-
-
-def _check_finite(pending, workdir: str) -> None:
-  if pending is None:
-    return
-  step, metrics = pending
-  if not bool(metrics["finite"]):
-    raise NonFiniteLossError(
-        f"non-finite loss ({float(metrics['loss'])}) at step {step} (the update from step"
-        f" {step - 1} was not applied); the last good checkpoint in"
-        f" {checkpoint.checkpoint_dir(workdir)} is kept. Lower config.optim.base_lr or check"
-        f" the data.")

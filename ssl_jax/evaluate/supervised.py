@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from typing import Any, Callable, Mapping
 
 import jax
@@ -37,8 +36,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 
-from ssl_jax import checkpoint, config_lib, loop, optim, parallel, registry, weights
+from ssl_jax import checkpoint, config_lib, loop, optim, parallel, paths, registry, weights
 from ssl_jax.config_lib import ConfigError
 from ssl_jax.data import pipeline
 from ssl_jax.data import supervised_views as views
@@ -440,20 +440,6 @@ def summary_file(name: str) -> str:
   return f"{name}_summary.json"
 
 
-def _record_config(workdir: str, config, provenance: dict, resumed: bool) -> None:
-  """config.json with the backbone's provenance; a resumed run refuses a changed backbone."""
-  path = os.path.join(workdir, "config.json")
-  if resumed and os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      then = json.load(f).get("provenance", {}).get("backbone")
-    now = provenance.get("backbone")
-    if then and now and then["sha256"] != now["sha256"]:
-      raise ConfigError(f"the backbone {now['source']} changed since this evaluation started "
-                        f"(sha256 {then['sha256'][:12]}... then, {now['sha256'][:12]}... now); "
-                        "restore it or evaluate into a new workdir")
-  loop.write_run_config(workdir, config, provenance)
-
-
 def backbone_provenance(config) -> dict:
   """{"backbone": weights.describe(...)} of `config.backbone`'s source ({} when none is set)."""
   b = config.backbone
@@ -492,22 +478,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, make_protocol: Callable
   setup = build(config, functools.partial(make_protocol, backbone=backbone),
                 train_source=train_source, test_source=test_source, mesh=mesh)
   data, protocol = setup.data, setup.protocol
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.check_workdir(workdir)
   is_main = jax.process_index() == 0
   manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
   resumed = manager.latest_step() is not None
   if is_main:
-    _record_config(workdir, config, provenance, resumed)
-  data_it = iter(pipeline.train_dataset(
-      data.train, seed=config.train.seed, batch_size=config.train.batch_size,
-      transform=protocol.view, num_workers=config.data.num_workers,
-      prefetch=config.data.prefetch, process_index=jax.process_index(),
-      process_count=jax.process_count()))
+    loop.write_run_config(workdir, config, provenance, resumed)
   total = data.total_steps
   if resumed:
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             jax.eval_shape(setup.init_state), setup.state_sharding)
-    start, ts = checkpoint.restore(manager, abstract, data_it)
+    start, ts = checkpoint.restore(manager, abstract)
     if start > total:
       manager.close()
       raise ConfigError(f"{workdir} holds a checkpoint at step {start}, past the {total} steps "
@@ -515,6 +496,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, make_protocol: Callable
                         "data changed); evaluate into a new workdir")
   else:
     start, ts = 0, setup.init_state()
+  data_it = iter(pipeline.train_dataset(
+      data.train, seed=config.train.seed, batch_size=config.train.batch_size,
+      transform=protocol.view, num_workers=config.data.num_workers,
+      prefetch=config.data.prefetch, process_index=jax.process_index(),
+      process_count=jax.process_count(), start_step=start))
   stop_at = total if max_steps is None else min(total, max_steps)
   if is_main:
     what = f"resuming at step {start}" if start else "starting"
@@ -547,6 +533,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, make_protocol: Callable
              "num_train": len(data.train), "num_test": len(data.test),
              "num_classes": data.num_classes}
   if summary["complete"] and is_main:
-    with open(os.path.join(workdir, summary_file(protocol.name)), "w", encoding="utf-8") as f:
-      json.dump(summary, f, indent=2, sort_keys=True, default=str)
+    paths.write_atomic(epath.Path(workdir) / summary_file(protocol.name),
+                       json.dumps(summary, indent=2, sort_keys=True, default=str))
   return {**summary, "state": outcome.state}

@@ -133,12 +133,15 @@ def test_local_multiprocess_stops_the_others_when_one_fails(tmp_path):
   fake = tmp_path / "python"
   fake.write_text("#!/usr/bin/env bash\n"
                   "[[ $JAX_PROCESS_ID == 1 ]] && exit 7\n"
-                  "exec sleep 60\n")
+                  f"trap 'kill $s; touch {tmp_path}/stopped_$JAX_PROCESS_ID; exit 0' TERM\n"
+                  "sleep 60 >/dev/null 2>&1 & s=$!\n"
+                  "wait $s\n")
   fake.chmod(0o755)
   out = _run("local_multiprocess.sh", "--port=1", "3", "--", "--config=c",
-             env={"PYTHON": str(fake), "SSL_JAX_STOP_GRACE_S": "5"}, timeout=40)
+             env={"PYTHON": str(fake), "SSL_JAX_STOP_GRACE_S": "30"}, timeout=40)
   assert out.returncode == 7, out.stderr
   assert "process 1 exited with status 7" in out.stderr
+  assert {p.name for p in tmp_path.glob("stopped_*")} == {"stopped_0", "stopped_2"}
 
 
 def test_local_multiprocess_really_joins_processes(tmp_path):

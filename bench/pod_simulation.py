@@ -247,23 +247,23 @@ def report(args, r: dict) -> None:
         f"global batch {args.batch} on {args.devices} devices ({per_dev_batch} images/device)")
   print(f"lower {r['lower_s']:.0f} s, compile {r['compile_s']:.0f} s, "
         f"host peak RSS {r['max_rss_mb']:,.0f} MB")
-  print(f"train state: {_fmt_mb(r['state_total'])} MB in all, "
-        f"{_fmt_mb(r['state_per_device'])} MB per device")
+  print(f"train state: {_fmt_mb(r['state_total'])} MiB in all, "
+        f"{_fmt_mb(r['state_per_device'])} MiB per device")
   total = r["arg"] + r["out"] - r["alias"] + r["temp"]
-  print("per-device memory (MB) | arguments | outputs | aliased (donated) | temporaries | "
+  print("per-device memory (MiB) | arguments | outputs | aliased (donated) | temporaries | "
         "peak ≈ args+out−alias+temp")
-  print(f"                       | {_fmt_mb(r['arg']):>9} | {_fmt_mb(r['out']):>7} | "
+  print(f"                        | {_fmt_mb(r['arg']):>9} | {_fmt_mb(r['out']):>7} | "
         f"{_fmt_mb(r['alias']):>17} | {_fmt_mb(r['temp']):>11} | {_fmt_mb(total)}")
-  print("collectives per step (per device) | count | operand MB | result MB")
+  print("collectives per step (per device) | count | operand MiB | result MiB")
   tot_op = 0
   for kind in COLLECTIVES:
     c = r["collectives"].get(kind)
     if c:
       tot_op += c["operand_bytes"]
-      print(f"  {kind:<31} | {c['count']:>5} | {_fmt_mb(c['operand_bytes']):>10} | "
-            f"{_fmt_mb(c['result_bytes']):>9}")
-  print(f"  {'total':<31} |       | {_fmt_mb(tot_op):>10} |")
-  print(f"  (the gradients are {_fmt_mb(r['params_bytes'])} MB: one all-reduce of them is the "
+      print(f"  {kind:<31} | {c['count']:>5} | {_fmt_mb(c['operand_bytes']):>11} | "
+            f"{_fmt_mb(c['result_bytes']):>10}")
+  print(f"  {'total':<31} |       | {_fmt_mb(tot_op):>11} |")
+  print(f"  (the gradients are {_fmt_mb(r['params_bytes'])} MiB: one all-reduce of them is the "
         "data-parallel minimum; XLA:CPU all-reduces each view's partial gradients separately,\n"
         "   TPU/GPU pipelines reassociate them into one and turn FSDP's all-reduce + slice into "
         "a reduce-scatter)")
@@ -278,16 +278,17 @@ def report(args, r: dict) -> None:
     print(f"  row-sharded: no device holds more than {n // args.devices:,} rows of a block "
           f"(a whole f32 block would be {n * n * 4 / 1e9:.1f} GB)")
   for nbytes, path in r["replicated_state"]:
-    print(f"  FLAG: replicated state array {path}: {_fmt_mb(nbytes)} MB")
+    print(f"  FLAG: replicated state array {path}: {_fmt_mb(nbytes)} MiB")
   if not r["replicated_state"]:
     print("replicated state arrays above 100 MB: none")
   sharded, whole = r["large_values"]
   if sharded:
-    print("batch-sharded per-device values above 100 MB (not flagged): " + ", ".join(
-        f"{count} x {t} ({_fmt_mb(b)} MB)" for t, (count, b) in
-        sorted(sharded.items(), key=lambda kv: -kv[1][1])))
+    top = sorted(sharded.items(), key=lambda kv: -kv[1][1])
+    print(f"batch-sharded per-device values above 100 MB (not flagged): "
+          f"{sum(c for c, _ in sharded.values())} instructions of {len(sharded)} shapes, "
+          "largest " + ", ".join(f"{t} ({_fmt_mb(b)} MiB)" for t, (_, b) in top[:3]))
   for nbytes, op, t, name in whole[:8]:
-    print(f"  FLAG: unsharded per-device value above 100 MB: {op} {t} ({_fmt_mb(nbytes)} MB) "
+    print(f"  FLAG: unsharded per-device value above 100 MB: {op} {t} ({_fmt_mb(nbytes)} MiB) "
           f"from {name}")
   if not whole:
     print("unsharded (replicated) per-device values above 100 MB: none")

@@ -128,7 +128,7 @@ def timing(args) -> None:
         f"{args.steps} steps, interleaved; load average {load_before:.1f} -> {load_after:.1f} on "
         f"{os.cpu_count()} cores")
   print("dtype    | mesh         | ms/image (median) | min-max over rounds | vs 1 device | "
-        "args MB/device | temp MB/device")
+        "args MiB/device | temp MiB/device")
   for dtype in args.dtypes.split(","):
     base = statistics.median(setups[(dtype, "1 device")]["times"]) / args.batch
     for (dt, label), s in setups.items():
@@ -138,7 +138,7 @@ def timing(args) -> None:
       med = statistics.median(per_image)
       print(f"{dtype:<8} | {label:<12} | {med * 1e3:17.2f} | "
             f"{min(per_image) * 1e3:8.2f}-{max(per_image) * 1e3:<10.2f} | {med / base:10.2f}x | "
-            f"{s['arg_mb']:14.1f} | {s['temp_mb']:14.1f}")
+            f"{s['arg_mb']:15.1f} | {s['temp_mb']:15.1f}")
   worst = max(statistics.median(s["times"]) / statistics.median(setups[(dt, "1 device")]["times"])
               for (dt, label), s in setups.items() if label != "1 device")
   verdict = "met" if worst <= 1.1 else "NOT met"
@@ -154,7 +154,8 @@ def memory(args) -> None:
 
   print(f"\nper-device params + optimizer state at the papers' settings, {args.devices} devices "
         "(from the shardings of the abstract train state)")
-  print("model     | method (optimizer) | params (M) | DP MB/device | FSDP MB/device | cut")
+  print("model     | method (optimizer) | params, M (backbone) | DP MiB/device | "
+        "FSDP MiB/device | cut")
   mesh = parallel.make_mesh(jax.devices()[:args.devices])
   for model, cfg, arg in (("ResNet-50", "detcon_b", None), ("ViT-B/16", "mocov3", None)):
     row = {}
@@ -173,9 +174,10 @@ def memory(args) -> None:
         n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract["params"]))
         backbone = sum(int(np.prod(a.shape))
                        for a in jax.tree.leaves(abstract["params"]["backbone"]))
-    print(f"{model:<9} | {cfg} ({config.optim.name})".ljust(30) +
-          f" | {n_params / 1e6:6.1f} ({backbone / 1e6:.1f} backbone) | {row[False] / MB:12.1f} | "
-          f"{row[True] / MB:14.1f} | {row[False] / row[True]:.2f}x")
+    method = f"{cfg} ({config.optim.name})"
+    params = f"{n_params / 1e6:.1f} ({backbone / 1e6:.1f})"
+    print(f"{model:<9} | {method:<18} | {params:<20} | {row[False] / MB:13.1f} | "
+          f"{row[True] / MB:15.1f} | {row[False] / row[True]:.2f}x")
 
 
 def main(argv=None) -> None:

@@ -22,7 +22,8 @@
 #SBATCH --signal=TERM@300
 set -euo pipefail
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
+# The header comment above is the help text.
+usage() { awk 'NR == 1 || /^#SBATCH/ { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; }
 
 dry_run=0
 while (($#)); do

@@ -23,7 +23,8 @@
 # to every process (SIGTERM = preemption: they save and exit). Exit status: the first failure's.
 set -euo pipefail
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
+# The header comment above is the help text.
+usage() { awk 'NR == 1 || /^#SBATCH/ { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; }
 
 devices=4 port="" log_dir="" module=ssl_jax.main dry_run=0
 while (($#)); do

@@ -28,7 +28,8 @@
 #   --dry-run  print the commands, run nothing.
 set -euo pipefail
 
-usage() { sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'; }
+# The header comment above is the help text.
+usage() { awk 'NR == 1 || /^#SBATCH/ { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; }
 
 name=ssl-jax zone=${ZONE:-} project="" accelerator=v4-256 version=tpu-ubuntu2204-base
 spot=0 detach=0 dry_run=0 host_python=python3.11

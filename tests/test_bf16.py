@@ -9,14 +9,17 @@ For every method at its `:test` config, on the same params, batch and key:
     mantissa (relative rounding 2^-9 ≈ 0.2 %); the backbone's features and the projections carry
     that error into the logits, which τ = 0.1 multiplies by 10: the differences measured at the
     `:test` settings are 0.03–1.1 % (DetCon-B the largest), hence 2.5 %;
-  * the step's new params, optimizer state and method state (BN statistics, EMA target, queue)
-    are float32, and the BN running statistics move by what the float32 forward moves them;
-  * in the step's jaxpr: every convolution has bf16 operands, ≥ 90 % of the conv + matmul FLOPs
-    run in bf16, every Dense/Conv kernel enters its matmul as bf16 (never float32), and no
-    forward reduction, rsqrt or log (BN/LayerNorm moments, softmax, L2 normalisation, loss) reads
-    bf16.
+  * the new method state (BN statistics, EMA target, queue) is float32 and the BN running
+    statistics move by what the float32 forward moves them;
+  * in the train step's jaxpr: the train state (params, optimizer state, method state, probe) is
+    float32 in and out, every convolution has bf16 operands, ≥ 90 % of the conv + matmul FLOPs
+    run in bf16, every Dense/Conv kernel enters its matmul as bf16 (never float32; followed by
+    data flow, not by shape), and no forward reduction, rsqrt or log (BN/LayerNorm moments,
+    softmax, L2 normalisation, loss) reads bf16.
+One real bf16 train step (DetCon-B) is finite and leaves float32 params and optimizer state.
 Gradients of bf16-cast parameters come out of their matmuls (and of the bias broadcasts) in bf16
 and are converted to float32 for the update: the usual mixed-precision trade-off, not checked.
+Runtime: ~90 s of CPU (13 tests; mostly the 6 forward compiles of the loss comparison).
 """
 from __future__ import annotations
 

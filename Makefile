@@ -18,6 +18,16 @@ $(STAMP): setup.py requirements.txt
 
 install: $(STAMP)
 
+# Accelerators: the same environment plus JAX's TPU or CUDA 12 extra at the pinned jax
+# (requirements-tpu.txt / requirements-cuda.txt); launch/tpu_pod.sh and launch/gpu_slurm.sh use them.
+.PHONY: install-tpu install-cuda
+$(VENV)/.installed-%: $(STAMP) requirements-%.txt
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-$*.txt
+	touch $@
+
+install-tpu: $(VENV)/.installed-tpu
+install-cuda: $(VENV)/.installed-cuda
+
 # Fashion-MNIST (Debian package) for the kNN/linear learning checks; tests skip without it.
 data:
 	@if [ ! -d $(FMNIST) ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \

@@ -174,7 +174,9 @@ class WindowAttention(nn.Module):
                               param_dtype=jnp.float32)
     qkv = dense(3 * c, use_bias=self.qkv_bias, name="qkv")(x).reshape(bw, n, 3, self.num_heads, hd)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * hd**-0.5 + bias
+    # float32 logits straight from the matmul (no bf16 rounding of q·k), float32 softmax.
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    logits = logits * hd**-0.5 + bias
     if mask is not None:
       nw = mask.shape[0]
       logits = logits.reshape(bw // nw, nw, self.num_heads, n, n) + jnp.asarray(mask)[None, :, None]

@@ -121,8 +121,10 @@ class Attention(nn.Module):
     # timm: qkv(x).reshape(B, T, 3, heads, hd): keep that order so export is a transpose.
     qkv = dense(3 * d, use_bias=self.qkv_bias, name="qkv")(x).reshape(b, t, 3, self.num_heads, hd)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * hd**-0.5
-    attn = jax.nn.softmax(logits, axis=-1)  # float32 softmax, also under bf16 compute
+    # Logits leave the matmul in float32 (bf16 operands, no bf16 rounding of q·k) and the softmax
+    # runs in float32, also under bf16 compute.
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * hd**-0.5
+    attn = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("bhqk,bkhd->bqhd", attn.astype(self.dtype), v).reshape(b, t, d)
     return dense(d, name="proj")(out), attn
 
@@ -286,7 +288,8 @@ class VisionTransformer(nn.Module):
         cls_attention.append(attn[:, :, 1:, 0])
     tokens = nn.LayerNorm(epsilon=LN_EPSILON, dtype=self.dtype, param_dtype=jnp.float32,
                           name="norm")(x)
-    pooled = tokens[:, 0] if self.pool == "cls" else jnp.mean(tokens[:, 1:], axis=1)
+    pooled = (tokens[:, 0] if self.pool == "cls"
+              else jnp.mean(tokens[:, 1:].astype(jnp.float32), axis=1))
     out = {"pooled": pooled.astype(jnp.float32), "tokens": tokens}
     if keep_indices is None:
       out["feature_map"] = tokens[:, 1:].reshape(b, grid[0], grid[1], d)

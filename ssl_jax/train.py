@@ -130,14 +130,22 @@ def build(config: ml_collections.ConfigDict, mesh=None, source=None) -> Setup:
   state_sharding = parallel.state_shardings(abstract_state, mesh, config.sharding.fsdp)
   batch_sharding = parallel.batch_sharding(mesh)
   const_sharding = parallel.state_shardings(abstract_consts, mesh, config.sharding.fsdp)
+  replicated = parallel.replicated(mesh)
   constants = jax.device_put(constants, const_sharding)
 
   def train_step(ts, batch, consts):
     step = ts["step"]
     rng = jax.random.fold_in(base_key, step)
     grad_fn = jax.value_and_grad(method.loss_and_aux, has_aux=True)
-    (loss, (mstate, metrics)), grads = grad_fn(ts["params"], ts["state"], batch, rng, step,
-                                                consts)
+    params_in, mstate_in = ts["params"], ts["state"]
+    if config.sharding.fsdp:
+      # ZeRO-3: weights are gathered for the compute, so activations stay sharded by batch (left
+      # alone, XLA may shard the heads' activations by feature and hold whole logits blocks).
+      params_in, mstate_in = jax.lax.with_sharding_constraint(
+          (params_in, mstate_in), jax.tree.map(lambda _: replicated, (params_in, mstate_in)))
+    (loss, (mstate, metrics)), grads = grad_fn(params_in, mstate_in, batch, rng, step, consts)
+    if config.sharding.fsdp:
+      grads = jax.lax.with_sharding_constraint(grads, state_sharding["params"])
     features = metrics.pop("features", None)
     updates, opt_state = tx.update(grads, ts["opt_state"], ts["params"])
     params = optax.apply_updates(ts["params"], updates)

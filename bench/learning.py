@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import sys
 import tempfile
@@ -43,7 +44,7 @@ BACKBONES = {
             "pos_embed": "sincos", "pool": "mean"},
 }
 METHOD_CONFIGS = {"simclr": "simclr", "byol": "byol", "mocov2": "mocov2", "mocov3": "mocov3",
-                  "detcon_b": "detcon_b", "detcon_s": "detcon_s"}
+                  "detcon_b": "detcon_b", "detcon_s": "detcon_s", "maskco": "maskco"}
 SHORT_RUN_LR = {"lars": 1.0, "sgd": 0.1, "adamw": 2e-3}
 PROBE = dict(epochs=30, batch_size=128, lr=0.1, weight_decay=1e-4, optimizer="sgd",
              normalize="bn_noaffine")
@@ -105,6 +106,9 @@ def pretrain_config(method: str, backbone: str, dataset: str, steps: int, batch_
         config.data.masks = "grid"
     else:
       config.data.source, config.data.source_args = source, config_lib.ConfigDict(args)
+    if method == "maskco":  # negatives in groups of (up to) 32 images that divide the batch
+      config.method_args.negatives_group_size = math.gcd(
+          config.method_args.negatives_group_size, batch_size)
   return config
 
 

@@ -15,6 +15,7 @@ METHODS = {
     "mocov3": "ssl_jax.methods.moco",
     "detcon_b": "ssl_jax.methods.detcon",
     "detcon_s": "ssl_jax.methods.detcon",
+    "maskco": "ssl_jax.methods.maskco",
 }
 
 

@@ -119,6 +119,11 @@ def test_bad_fields_are_refused(field, value, match):
     config_lib.validate(config, num_devices=1)
 
 
+@pytest.mark.parametrize("arg", [None, "demo", "test", "plus_in", "wd=1e-4", "epochs=100"])
+def test_variants_validate(arg):
+  config_lib.validate(load_config("maskco", arg), num_devices=8 if arg == "test" else 1)
+
+
 def test_negatives_switches_and_variants():
   config = load_config("maskco", "test")
   with config.unlocked():

@@ -12,6 +12,7 @@ import pytest
 
 from ssl_jax import config_lib, losses, parallel, train
 from ssl_jax.data import augment
+from ssl_jax.evaluate import linear
 from ssl_jax.methods import base, maskco
 from ssl_jax.ops.roi_align import roi_align
 from tests.helpers import BlockSource, load_config
@@ -366,3 +367,7 @@ def test_fits_a_fixed_batch_and_updates_the_momentum_network(setup):
   np.testing.assert_allclose(after, np_maskco_loss(q, k, 0.2, 8)[0], rtol=2e-4)
   feats = s.method.encode(ts["params"], ts["state"], np.asarray(local["image"][:, 0]))
   assert feats.shape == (16, 64) and np.all(np.isfinite(feats))
+  # The encoder is the plain ResNet: the multi-layer probe (Table 7) gets conv1…conv5.
+  layers = linear.multilayer_features(s.predict_fn(ts, np.asarray(local["image"][:4, 1])))
+  assert sorted(layers) == ["conv1", "conv2", "conv3", "conv4", "conv5"]
+  assert set(s.method.encoder(ts["params"], ts["state"])["params"]) == set(ts["params"]["backbone"])

@@ -2,7 +2,8 @@
 
 Reproduces the pretraining of Table 3 (MaskCo: VOC AP 56.7, ImageNet multi-layer linear conv4
 59.6 / conv5 65.1; MaskCo(+in): VOC AP 57.2). Detection fine-tuning is outside this repository;
-the multi-layer linear evaluation (Table 7) is `configs/linear_eval.py:multilayer`.
+the multi-layer linear evaluation (Table 7) runs on the plain ResNet encoder (evaluator kind
+"multilayer"; the full protocol is `configs/linear_eval.py:multilayer`, issue 17).
 
   python -m ssl_jax.main --config=configs/maskco.py --workdir=gs://bucket/maskco
   python -m ssl_jax.main --config=configs/maskco.py:plus_in --workdir=...    (MaskCo(+in))

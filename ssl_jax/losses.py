@@ -386,3 +386,67 @@ def masked_feature_l1(pred: jax.Array, target: jax.Array, mask: jax.Array) -> ja
   per_position = jnp.mean(jnp.abs(pred.astype(jnp.float32) - target.astype(jnp.float32)), -1)
   m = mask.astype(jnp.float32)
   return jnp.sum(m * per_position) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def maskco_loss(q: jax.Array, k: jax.Array, temperature: float, group_size: int, *,
+                inter_negatives: bool = True, intra_negatives: bool = False) -> jax.Array:
+  """MaskCo's region-level InfoNCE (Zhao et al., 2021, Eq. 1, Algorithm 1, Appendix A.2).
+
+  Image i has one query (its masked box seen by the online network) and K key boxes (momentum
+  network, key view): k[i, 0] is the positive, k[i, 1:] are its K − 1 negative boxes. Images are
+  taken in groups of `group_size` consecutive images of the *global* batch (the paper's images
+  per GPU, 32), so the negatives never depend on how the batch is split over devices:
+
+    logits_i = [q_i·k_i0,                                     (the positive, label 0)
+                q_i·k_jm  for j ≠ i in i's group, m = 1..K−1  (inter-image, `inter_negatives`)
+                q_i·k_im  for m = 1..K−1]                     (intra-image, `intra_negatives`)
+               / τ
+    loss = mean_i [ logsumexp(logits_i) − logits_i[0] ]
+
+  i.e. (K − 1)·(group_size − 1) inter-image negatives (16 × 31 = 496 in the paper) plus K − 1
+  intra-image ones for MaskCo(+in) (512 in all). The other images' positive boxes k[j, 0] are not
+  negatives: the paper counts "M = 16 negative boxes per image". A group equal to the batch gives
+  negatives from the whole global batch. q and k are L2-normalised here (float32).
+
+  Args:
+    q: [B, D] float queries (online branch).
+    k: [B, K, D] float keys, positive first (the caller applies stop_gradient).
+    temperature: τ > 0.
+    group_size: images per negative group; divides B (B is the global batch axis, sharded over
+      "data"; the grouping follows the global order).
+    inter_negatives, intra_negatives: which negatives enter (at least one; Table 6).
+
+  Returns:
+    Scalar float32.
+  """
+  b, num_boxes, d = k.shape
+  if q.shape != (b, d):
+    raise ValueError(f"maskco_loss: q {q.shape} must be [B, D] = {(b, d)} for k {k.shape}")
+  if num_boxes < 2:
+    raise ValueError(f"maskco_loss: k has {num_boxes} boxes per image; it needs the positive "
+                     "and at least one negative box")
+  if group_size < 1 or b % group_size:
+    raise ValueError(f"maskco_loss: group_size={group_size} must divide the batch {b}")
+  if not (inter_negatives or intra_negatives):
+    raise ValueError("maskco_loss: enable inter_negatives, intra_negatives or both")
+  if inter_negatives and group_size < 2:
+    raise ValueError("maskco_loss: inter_negatives needs group_size >= 2 (other images)")
+  n, g = b // group_size, group_size
+  q = _normalized_f32(q).reshape(n, g, d)
+  k = _normalized_f32(k).reshape(n, g, num_boxes, d)
+  positive = jnp.einsum("ngd,ngd->ng", q, k[:, :, 0]) / temperature            # [n, G]
+  parts = [positive[..., None]]
+  if inter_negatives:
+    cross = jnp.einsum("ngd,nhmd->nghm", q, k[:, :, 1:]) / temperature         # [n, G, G, K-1]
+    own = jnp.eye(g, dtype=bool)[None, :, :, None]
+    parts.append(jnp.where(own, -_INFINITY_PROXY, cross).reshape(n, g, g * (num_boxes - 1)))
+  if intra_negatives:
+    parts.append(jnp.einsum("ngd,ngmd->ngm", q, k[:, :, 1:]) / temperature)    # [n, G, K-1]
+  logits = jnp.concatenate(parts, axis=-1)
+  return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - positive)
+
+
+def maskco_num_negatives(num_boxes: int, group_size: int, *, inter_negatives: bool = True,
+                         intra_negatives: bool = False) -> int:
+  """Negatives per query of `maskco_loss`: (K − 1)·((G − 1)·inter + intra)."""
+  return (num_boxes - 1) * ((group_size - 1) * int(inter_negatives) + int(intra_negatives))

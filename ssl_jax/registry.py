@@ -19,6 +19,7 @@ METHODS = {
     "ccmim": "ssl_jax.methods.ccmim",
     "simmim": "ssl_jax.methods.simmim",
     "mimco": "ssl_jax.methods.mimco",
+    "maskco": "ssl_jax.methods.maskco",
 }
 
 

@@ -34,8 +34,9 @@ from ssl_jax.data import views as views_lib
 
 # Keys a batch carries for the host only (never shipped to the device); counters are summed
 # over the run and logged as `data/<name>`.
-HOST_KEYS = ("id", "error", "skipped", "segments_dropped", "crop", "flip")
-HOST_COUNTERS = ("skipped", "segments_dropped")
+HOST_KEYS = ("id", "error", "skipped", "segments_dropped", "crop", "flip", "crop_fallback",
+             "negative_fallback")
+HOST_COUNTERS = ("skipped", "segments_dropped", "crop_fallback", "negative_fallback")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,6 +29,9 @@ SCHEDULES = ("cosine", "piecewise", "constant")
 EXCLUDE_FROM_DECAY = ("bias_and_norm", "bias_norm_and_tokens", "none")
 # timm's ViT.no_weight_decay() names; also the embeddings that get layer id 0.
 TOKEN_NAMES = ("cls_token", "pos_embed", "mask_token", "dist_token")
+# Not decayed under "bias_norm_and_tokens" (timm's / SimMIM's `no_weight_decay`): the tokens and
+# Swin's relative position bias tables. (Only TOKEN_NAMES get layer id 0 in layer decay.)
+NO_DECAY_NAMES = TOKEN_NAMES + ("relative_position_bias_table", "absolute_pos_embed")
 _BLOCK = re.compile(r"^(?:blocks|block|encoderblock|layer)_(\d+)$")
 _SWIN_STAGE = re.compile(r"^layers_(\d+)$")  # Swin: layers_i/{downsample, blocks_j}
 
@@ -109,7 +112,7 @@ def decay_mask(params: Any, exclude: str = "bias_and_norm") -> Any:
       return True
     if jnp.ndim(x) <= 1:
       return False
-    return not (exclude == "bias_norm_and_tokens" and _leaf_name(path) in TOKEN_NAMES)
+    return not (exclude == "bias_norm_and_tokens" and _leaf_name(path) in NO_DECAY_NAMES)
 
   return jax.tree_util.tree_map_with_path(keep, params)
 

@@ -76,7 +76,7 @@ def workdir_encoder(workdir: str, step: Optional[int] = None, part: str = "onlin
   return step, method.target_encoder(state["params"], state["state"])
 
 
-def _safetensors_arch(path: str) -> Optional[dict]:
+def safetensors_arch(path: str) -> Optional[dict]:
   """The architecture our export wrote into a safetensors header ({"name", **fields}) or None."""
   from safetensors import safe_open  # pylint: disable=import-outside-toplevel
   with safe_open(path, framework="numpy") as f:
@@ -111,7 +111,7 @@ def load_backbone(source: str, *, model: Optional[Mapping] = None, step: Optiona
   from ssl_jax.export import torch as torch_export  # pylint: disable=import-outside-toplevel
   with paths.local_copy(source) as local:
     if source.endswith(".safetensors"):
-      model = {**(_safetensors_arch(local) or {}), **model}
+      model = {**(safetensors_arch(local) or {}), **model}
     if "name" not in model:
       raise WeightsError(f"{source}: the architecture is unknown (no ssl_jax export metadata); "
                          "name it, e.g. --config.backbone.model.name=vit_base with its "

@@ -193,4 +193,4 @@ def test_workdir_encoder_is_a_plain_vit_that_fine_tunes(tmp_path):
     ft.data.test_args = ml_collections.ConfigDict(
         {"split": "probe", "num_per_photo": 1, "crop_size": 32})
   summary = finetune.run(ft, str(tmp_path / "ft"), mesh=mesh)
-  assert 0.0 <= summary["top1"] <= summary["top5"] <= 1.0
+  assert 0.0 <= summary["finetune/top1"] <= summary["finetune/top5"] <= 1.0

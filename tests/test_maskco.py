@@ -368,6 +368,6 @@ def test_fits_a_fixed_batch_and_updates_the_momentum_network(setup):
   feats = s.method.encode(ts["params"], ts["state"], np.asarray(local["image"][:, 0]))
   assert feats.shape == (16, 64) and np.all(np.isfinite(feats))
   # The encoder is the plain ResNet: the multi-layer probe (Table 7) gets conv1…conv5.
-  layers = linear.multilayer_features(s.predict_fn(ts, np.asarray(local["image"][:4, 1])))
+  layers = s.predict_fn(ts, np.asarray(local["image"][:4, 1]), linear.multilayer_features)
   assert sorted(layers) == ["conv1", "conv2", "conv3", "conv4", "conv5"]
   assert set(s.method.encoder(ts["params"], ts["state"])["params"]) == set(ts["params"]["backbone"])

@@ -137,7 +137,7 @@ def teacher_model_config(config) -> dict:
   if src != RANDOM_TEACHER and weights.is_workdir(src):
     model = weights.model_config_of_workdir(src)
   elif src.endswith(".safetensors") and os.path.exists(src):
-    model = weights._safetensors_arch(src) or {}  # pylint: disable=protected-access
+    model = weights.safetensors_arch(src) or {}
   model = model or _given_teacher_model(config)
   if not model:
     raise weights.WeightsError(

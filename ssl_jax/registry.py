@@ -15,6 +15,8 @@ METHODS = {
     "mocov3": "ssl_jax.methods.moco",
     "detcon_b": "ssl_jax.methods.detcon",
     "detcon_s": "ssl_jax.methods.detcon",
+    "masked_mocov3": "ssl_jax.methods.masked_siamese",
+    "masked_byol": "ssl_jax.methods.masked_siamese",
 }
 
 

@@ -234,14 +234,17 @@ def _rebuild(cfg, method, params, state, batch, spy):
   x = spy.views[0]
   calls = iter(spy.chunks)
   online, keys, target_h = [], [], []
-  target = {"params": state["target"]["params"]}
+  target = state["target"]
   for v in range(2):
+    # Train mode: BN heads normalise with the statistics of these rows (the running statistics
+    # the apply also returns play no part in the outputs).
     idx = jnp.asarray(next(calls)[0]) if n > 1 else None
-    out = net.apply({"params": params}, x[:, v], train=True, keep_indices=idx)
+    out, _ = net.apply({"params": params, "batch_stats": state["batch_stats"]}, x[:, v],
+                       train=True, keep_indices=idx, mutable=["batch_stats"])
     online.append({k: np.asarray(out[k], np.float64) for k in ("rep", "z", "p")})
     tidx = jnp.asarray(next(calls)[0]) if m > 1 else None
-    t = net.apply(target, x[:, v], train=True, keep_indices=tidx,
-                  method=masked_siamese.MaskedSiameseNet.project)
+    t, _ = net.apply(target, x[:, v], train=True, keep_indices=tidx,
+                     method=masked_siamese.MaskedSiameseNet.project, mutable=["batch_stats"])
     z = np.asarray(t["z"], np.float64)
     keys.append(_np_spherical_mean(z) if m > 1 else z[:, 0])
     target_h.append(np.asarray(t["h"]))
@@ -256,16 +259,19 @@ def _rebuild(cfg, method, params, state, batch, spy):
   expected = scale * (term(online[0]["p"], keys[1]) + term(online[1]["p"], keys[0]))
   kappa = {name: 0.5 * (_np_kappa(online[0][k]) + _np_kappa(online[1][k]))
            for name, k in (("rep", "rep"), ("proj", "z"), ("pred", "p"))} if n > 1 else {}
-  full_h = np.asarray(net.apply(target, x[:, 0], method=masked_siamese.MaskedSiameseNet.encode))
+  full_h = np.asarray(net.apply({"params": target["params"]}, x[:, 0],
+                                method=masked_siamese.MaskedSiameseNet.encode))
   return float(loss), metrics, expected, kappa, full_h
 
 
-@pytest.mark.parametrize("name,n,m,blocks", [
-    ("masked_mocov3", 3, 2, 0),   # 16 % 3: one patch dropped; target keys: spherical mean of 2
-    ("masked_byol", 4, 1, 1),     # full target view; one cross-attention block
+@pytest.mark.parametrize("name,n,m,blocks,norm", [
+    # 16 % 3: one patch dropped; keys: spherical mean of 2 target chunks. BN heads: the LN
+    # projector's outputs all have norm √E at init, which would hide a mean without normalising.
+    ("masked_mocov3", 3, 2, 0, "bn"),
+    ("masked_byol", 4, 1, 1, "ln"),     # full target view; one cross-attention block
 ])
-def test_loss_and_kappa_rebuilt_from_network_outputs(monkeypatch, name, n, m, blocks):
-  cfg = _config(name, f"test,n={n},m={m}", cross_attention_blocks=blocks)
+def test_loss_and_kappa_rebuilt_from_network_outputs(monkeypatch, name, n, m, blocks, norm):
+  cfg = _config(name, f"test,n={n},m={m}", cross_attention_blocks=blocks, head_norm=norm)
   spy = Spy(monkeypatch)
   method = masked_siamese.make(cfg)
   batch = _batch()

@@ -43,7 +43,11 @@ BACKBONES = {
             "pos_embed": "sincos", "pool": "mean"},
 }
 METHOD_CONFIGS = {"simclr": "simclr", "byol": "byol", "mocov2": "mocov2", "mocov3": "mocov3",
-                  "detcon_b": "detcon_b", "detcon_s": "detcon_s"}
+                  "detcon_b": "detcon_b", "detcon_s": "detcon_s",
+                  "masked_mocov3": "masked_mocov3", "masked_byol": "masked_byol"}
+# Methods that chunk or mask patch tokens: ViT rows only (32 px, patch 4: 64 patches, n = 8
+# chunks of 8 for Masked MoCo-v3 / BYOL, their `:demo` n).
+VIT_ONLY = {"masked_mocov3", "masked_byol"}
 SHORT_RUN_LR = {"lars": 1.0, "sgd": 0.1, "adamw": 2e-3}
 PROBE = dict(epochs=30, batch_size=128, lr=0.1, weight_decay=1e-4, optimizer="sgd",
              normalize="bn_noaffine")
@@ -173,6 +177,9 @@ def main(argv=None) -> dict:
   extra = [(backbones[0], m) for m in args.extra_methods.split(",") if m]
   last_seconds = {}
   for backbone, method in runs + extra:
+    if method in VIT_ONLY and backbone != "vit":
+      print(f"{backbone:8s} {method:12s} skipped: needs a ViT backbone", flush=True)
+      continue
     if (backbone, method) in extra:
       projected = time.perf_counter() - t0 + last_seconds.get(backbone, 0.0)
       if projected > 60 * args.budget_minutes:

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # this checkout's ssl_jax, not an installed one (as the other benches)
 
 from ssl_jax import config_lib, registry, train  # noqa: E402
 from ssl_jax.data import pipeline  # noqa: E402

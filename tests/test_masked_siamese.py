@@ -260,6 +260,8 @@ def _rebuild(cfg, method, params, state, batch, spy):
   expected = scale * (term(online[0]["p"], keys[1]) + term(online[1]["p"], keys[0]))
   kappa = {name: 0.5 * (_np_kappa(online[0][k]) + _np_kappa(online[1][k]))
            for name, k in (("rep", "rep"), ("proj", "z"), ("pred", "p"))} if n > 1 else {}
+  z_unit = _np_normalize(online[0]["z"]).reshape(-1, online[0]["z"].shape[-1])
+  kappa["z_std"] = float(np.mean(np.std(z_unit, axis=0)))
   full_h = np.asarray(net.apply({"params": target["params"]}, x[:, 0],
                                 method=masked_siamese.MaskedSiameseNet.encode))
   return float(loss), metrics, expected, kappa, full_h
@@ -280,7 +282,8 @@ def test_loss_and_kappa_rebuilt_from_network_outputs(monkeypatch, name, n, m, bl
   loss, metrics, expected, kappa, full_h = _rebuild(cfg, method, params, state, batch, spy)
   np.testing.assert_allclose(loss, expected, rtol=2e-5)
   for key, value in kappa.items():
-    np.testing.assert_allclose(float(metrics[f"kappa/{key}"]), value, rtol=2e-3)
+    got = metrics["z_std"] if key == "z_std" else metrics[f"kappa/{key}"]
+    np.testing.assert_allclose(float(got), value, rtol=2e-3)
   assert float(metrics["chunks/dropped"]) == N_PATCHES % n
   assert [c[0].shape for c in spy.chunks] == (
       [(B, n, N_PATCHES // n), (B, m, N_PATCHES // m)] * 2 if m > 1 else [(B, n, N_PATCHES // n)] * 2)

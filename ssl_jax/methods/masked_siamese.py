@@ -236,7 +236,11 @@ def make(config) -> base.Method:
       features = jax.lax.stop_gradient(net.apply(
           {"params": target["params"], "batch_stats": target["batch_stats"]}, x[:, 0],
           method=MaskedSiameseNet.encode))
+    # Collapse check (as methods/byol.py): std over the batch of the unit projections of view 1's
+    # chunks, averaged over dimensions; ~1/√E when spread, 0 when collapsed.
+    z_unit = jax.lax.stop_gradient(losses.l2_normalize(online[0]["z"]))
     metrics = {"info_nce" if mocov3 else "byol_loss": loss,
+               "z_std": jnp.mean(jnp.std(z_unit.reshape(-1, z_unit.shape[-1]), axis=0)),
                "chunks/dropped": jnp.float32(dropped),
                "features": features}
     if m > 1:

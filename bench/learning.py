@@ -46,9 +46,10 @@ BACKBONES = {
 }
 METHOD_CONFIGS = {"simclr": "simclr", "byol": "byol", "mocov2": "mocov2", "mocov3": "mocov3",
                   "detcon_b": "detcon_b", "detcon_s": "detcon_s", "mae": "mae", "ccmim": "ccmim",
-                  "simmim": "simmim", "mimco": "mimco", "maskco": "maskco"}
-# Masked-image methods drop or mask patches: they only run on the ViT.
-VIT_ONLY = {"mae", "ccmim", "simmim", "mimco"}
+                  "simmim": "simmim", "mimco": "mimco", "maskco": "maskco",
+                  "masked_mocov3": "masked_mocov3", "masked_byol": "masked_byol"}
+# Methods that drop, mask or chunk patch tokens: ViT rows only (32 px, patch 4: 64 patches).
+VIT_ONLY = {"mae", "ccmim", "simmim", "mimco", "masked_mocov3", "masked_byol"}
 # Two-stage methods: the method whose run (same backbone, same bench) is the frozen teacher; it is
 # pretrained first when this bench has not run it yet.
 TEACHERS = {"mimco": "mocov3"}

@@ -20,6 +20,8 @@ METHODS = {
     "simmim": "ssl_jax.methods.simmim",
     "mimco": "ssl_jax.methods.mimco",
     "maskco": "ssl_jax.methods.maskco",
+    "masked_mocov3": "ssl_jax.methods.masked_siamese",
+    "masked_byol": "ssl_jax.methods.masked_siamese",
 }
 
 

@@ -7,11 +7,13 @@ from ssl_jax import config_lib
 from tests.helpers import load_config
 
 CONFIGS = ["simclr", "byol", "mocov2", "mocov3", "detcon_b", "detcon_s", "maskco", "mae", "ccmim",
-           "simmim", "mimco"]
+           "simmim", "mimco", "masked_mocov3", "masked_byol"]
 # Variants beyond demo/test that each config documents.
 VARIANTS = {"detcon_b": ["epochs=300", "coco", "grid"], "maskco": ["plus_in", "wd=1e-4"],
             "ccmim": ["paper"], "simmim": ["model=swin_tiny", "model=vit_base"],
-            "mocov3": ["model=vit_small"], "byol": ["epochs=300"]}
+            "mocov3": ["model=vit_small"], "byol": ["epochs=300"],
+            "masked_mocov3": ["in100", "n=4", "aug=strong", "aug=medium"],
+            "masked_byol": ["in100", "aug=strong"]}
 # MimCo's paper setting has no teacher until the user names one (refused on purpose).
 NEEDS_USER_INPUT = {("mimco", None)}
 

@@ -194,3 +194,29 @@ def test_cli_user_errors_are_one_line_exit_2(args, message, tmp_path):
   assert run.returncode == 2, run.stderr[-3000:]
   assert len(lines) == 1 and lines[0].startswith(message), lines
   assert "Traceback" not in run.stdout + run.stderr
+
+
+def test_trainable_except_freezes_only_the_named_subtrees():
+  params = {"backbone": {"patch_embed": {"kernel": 1, "bias": 2}, "blocks": {"w": 3}},
+            "projector": {"w": 4}}
+  mask = base.trainable_except(params, ("backbone", "patch_embed"), ("absent", "x"))
+  assert mask == {"backbone": {"patch_embed": {"kernel": False, "bias": False},
+                               "blocks": {"w": True}}, "projector": {"w": True}}
+  assert params["backbone"]["patch_embed"] == {"kernel": 1, "bias": 2}  # input untouched
+  assert base.trainable_except(params) == jax.tree.map(lambda _: True, params)
+
+
+@pytest.mark.parametrize("name,variant,frozen", [
+    ("mocov3", "test", True), ("masked_mocov3", "test", False)])
+def test_patch_embed_frozen_as_the_method_config_says(name, variant, frozen):
+  # MoCo v3 freezes its random patch projection (Sec. 4.1); Masked MoCo v3 trains it (Table 1).
+  config = load_config(name, variant)
+  method = registry.get_method(config.method).make(config)
+  spec = method.batch_spec(config)
+  params, _ = jax.eval_shape(method.init, jax.random.key(0), spec)
+  mask = method.trainable_mask(params)
+  flags = {"/".join(str(getattr(k, "key", k)) for k in path): v
+           for path, v in jax.tree_util.tree_leaves_with_path(mask)}
+  assert any("patch_embed" in p for p in flags)
+  assert all(v == (not frozen) for p, v in flags.items() if "patch_embed" in p)
+  assert all(v for p, v in flags.items() if "patch_embed" not in p)

@@ -153,6 +153,19 @@ def apply_train(module: nn.Module, params, batch_stats, *args, method=None, **kw
   return module.apply(variables, *args, train=True, method=method, **kwargs), batch_stats
 
 
+def trainable_except(params: Mapping, *paths: tuple[str, ...]) -> dict:
+  """`Method.trainable_mask` that freezes the subtrees at `paths` (e.g. ("backbone",
+  "patch_embed")) and trains everything else; a path absent from `params` is ignored."""
+  mask = jax.tree.map(lambda _: True, params)
+  for path in paths:
+    node = mask
+    for key in path[:-1]:
+      node = node.get(key, {})
+    if path[-1] in node:
+      node[path[-1]] = jax.tree.map(lambda _: False, node[path[-1]])
+  return mask
+
+
 def select(tree: Mapping, keys) -> dict:
   """The sub-dict of `tree` with `keys` that are present (e.g. target = backbone + projector)."""
   return {k: tree[k] for k in keys if k in tree}

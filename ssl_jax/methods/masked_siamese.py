@@ -260,11 +260,8 @@ def make(config) -> base.Method:
   def trainable_mask(params):
     """`freeze_patch_embed` (MoCo v3's random patch projection; off in the paper's M-MoCo/BYOL,
     Table 1 "Frozen PE")."""
-    mask = jax.tree.map(lambda _: True, params)
-    if a.freeze_patch_embed:
-      mask["backbone"]["patch_embed"] = jax.tree.map(lambda _: False,
-                                                     mask["backbone"]["patch_embed"])
-    return mask
+    frozen = [("backbone", "patch_embed")] if a.freeze_patch_embed else []
+    return base.trainable_except(params, *frozen)
 
   return base.Method(init=init, loss_and_aux=loss_and_aux, after_update=after_update,
                      backbone=net.backbone, batch_spec=batch_spec, **eval_fns,

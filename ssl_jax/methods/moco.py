@@ -109,11 +109,8 @@ def make(config) -> base.Method:
 
   def trainable_mask(params):
     """MoCo v3 freezes the random patch projection (its Sec. 4.1); v2 trains everything."""
-    mask = jax.tree.map(lambda _: True, params)
-    if v3 and a.freeze_patch_embed and "patch_embed" in mask.get("backbone", {}):
-      mask["backbone"]["patch_embed"] = jax.tree.map(lambda _: False,
-                                                     mask["backbone"]["patch_embed"])
-    return mask
+    frozen = [("backbone", "patch_embed")] if v3 and a.freeze_patch_embed else []
+    return base.trainable_except(params, *frozen)
 
   return base.Method(init=init, loss_and_aux=loss_and_aux, after_update=after_update,
                      backbone=net.backbone, batch_spec=batch_spec, **eval_fns,

@@ -199,3 +199,23 @@ def test_mae_reconstructions_from_a_workdir(tmp_path):
   assert np.all((rec["reconstruction"] >= 0) & (rec["reconstruction"] <= 1))
   with pytest.raises(ValueError, match="uint8"):
     plots.mim_reconstructions(config, ts["params"], ts["state"], images.astype(np.float32))
+
+
+@pytest.mark.parametrize("name,masked", [("simmim", 10 / 16), ("ccmim", 0.75)])
+def test_simmim_and_ccmim_reconstructions_at_init(name, masked):
+  """SimMIM: 60 % of 16 mask patches (8 px at 32 px) is ceil(9.6) = 10, as SimMIM's generator;
+  ccMIM: 75 % of the patches. The shown images are the un-augmented inputs."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from ssl_jax import registry  # pylint: disable=import-outside-toplevel
+  from ssl_jax.methods import base  # pylint: disable=import-outside-toplevel
+  config = load_config(name)
+  method = registry.get_method(config.method).make(config)
+  params, state = jax.jit(method.init)(jax.random.key(0, impl="rbg"),
+                                       base.zeros_like_spec(method.batch_spec(config)))
+  images = plots.eval_images(config, 2)
+  rec = plots.mim_reconstructions(config, params, state, images)
+  np.testing.assert_allclose(rec["pixel_mask"].mean(axis=(1, 2)), masked)
+  np.testing.assert_allclose(rec["images"], images / 255.0, atol=2e-3)
+  assert rec["reconstruction"].shape == images.shape
+  fig = plots.reconstruction_figure(rec["images"], rec["pixel_mask"], rec["reconstruction"])
+  assert len(fig.axes) == 8

@@ -37,6 +37,7 @@ data:
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
 	$(PY) -m ssl_jax.main --config=configs/detcon_b.py:demo --workdir=$(DEMO_DIR)
+	$(PY) -m ssl_jax.plots --workdir=$(DEMO_DIR) --reconstructions=false
 
 test: $(STAMP) data
 	$(PY) -m pytest -q -n 2 --dist=loadfile tests

@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "gcsfs==2026.10.1",  # gs:// workdirs and data through etils.epath
     "pillow==13.0.0",
     "numpy==2.4.6",
+    "matplotlib==3.11.2",  # ssl_jax.plots
 ]
 
 setuptools.setup(
@@ -27,7 +28,8 @@ setuptools.setup(
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "dev": ["pytest==9.2.0", "pytest-xdist==3.8.0"],
-        "torch": ["torch==2.13.0"],
+        "dev": ["pytest==9.2.0", "pytest-xdist==3.8.0", "nbclient==0.11.0", "nbformat==5.11.1",
+                "ipykernel==7.4.0"],
+        "torch": ["torch==2.14.1", "torchvision==0.29.1", "timm==1.0.29"],
     },
 )

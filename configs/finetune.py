@@ -22,7 +22,7 @@ evaluate an EMA beside the weights, timm's `--model-ema`).
     pool (mean of the last block's patch tokens + a new LayerNorm). MAE ViT-B 1600 ep: 83.6 %.
     The same recipe reproduces ccMIM (ViT-B 800 ep: 84.2 %; "the same hyper-parameters as MAE",
     average-pooled patches) and Masked MoCo ("the public repository of MAE", blr 5e-4, wd 0.05,
-    layer decay 0.65, 100 epochs; M-MoCo ViT-B 300 ep: 83.8 %, its Table 5).
+    layer decay 0.65, 100 epochs; M-MoCo ViT-B 300 ep: 83.6 %, 800 ep: 83.8 %, its Table 5).
     `model=vit_large`: blr 1e-3, 50 epochs, layer decay 0.75, drop path 0.2 (MAE ViT-L: 85.9 %;
     needs a ViT-L backbone).
   `simmim`: SimMIM's `simmim_finetune__swin_base__img192_window6__100ep.yaml`, Swin-B at 192 px

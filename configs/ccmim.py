@@ -24,7 +24,7 @@ global batch × 2τ, τ 0.5, no projector, λ 0.1; AdamW β (0.9, 0.95), lr 1.5e
 i.e. 1024, see docs/ccmim.md), 800 epochs; random resized crop (0.2, 1) bicubic + flip.
 `:paper` = the paper's text where it differs: λ 0.2, 2 decoder blocks, batch 1024 (lr follows
 1.5e-4 × bs/256), Eq. 7 NCE, the projector on the CLS tokens, Eq. 4's attention direction
-(CLS query → patch keys). It keeps the flip (no flip-free recipe exists yet; row 20).
+(CLS query → patch keys), and crops without the flip ("crop_only" recipe; FIDELITY row 20).
 `:demo`/`:test` shrink model, data and run; the demo raises the base lr to 1e-3.
 Cost: the importance forward adds one no-grad encoder pass over all tokens and the masked set
 one more no-grad pass over 75 % of them (`bench/mae_ccmim.py` measures the ratio to MAE).
@@ -54,7 +54,7 @@ def get_config(arg=None):
                                    "pool": "mean"})
   config_lib.imagenet_data(c)
   c.data.image_size = 224
-  c.data.views = "mae"
+  c.data.views = "crop_only" if paper else "mae"
   c.optim.name = "adamw"
   c.optim.base_lr = 1.5e-4
   c.optim.weight_decay = 0.05

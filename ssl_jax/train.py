@@ -55,7 +55,7 @@ class Setup:
   init_state: Callable[[dict], Any]
   constants: Any
   provenance: dict
-  predict_fn: Callable[[Any, jax.Array], dict]
+  predict_fn: Callable[[Any, np.ndarray, Callable], Any]
 
   def step(self, ts, batch):
     return self.train_step(ts, batch, self.constants)

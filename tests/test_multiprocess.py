@@ -52,7 +52,7 @@ def _losses(workdir):
 
 def _logs(log_dir):
   return "\n".join(open(os.path.join(log_dir, name)).read()[-2000:]
-                   for name in sorted(os.listdir(log_dir)))
+                   for name in sorted(os.listdir(log_dir)) if name.startswith("process_"))
 
 
 def _args(config, workdir, steps, *extra):
@@ -120,6 +120,24 @@ def test_sigterm_to_one_process_saves_the_same_step_on_both(tmp_path):
            if "SIGTERM received: saved step " in log]
   checkpoints = sorted(int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit())
   assert saved and checkpoints == [saved[0]], (saved, checkpoints, logs)
+
+
+def test_evaluation_features_on_two_processes(tmp_path):
+  """Each process reads its rows of the evaluation set; every process gets all features and
+  labels in order, bad records left out (`tests/multiprocess_eval_check.py`)."""
+  out = tmp_path / "features.json"
+  run = subprocess.run(["bash", LAUNCH, "--devices-per-process=2",
+                        "--module=tests.multiprocess_eval_check", f"--log-dir={tmp_path}", "2",
+                        "--", str(out)], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:] + _logs(tmp_path)
+  got = json.loads(out.read_text())
+  assert (got["processes"], got["devices"]) == (2, 4)
+  good = [i for i in range(11) if i != 3]
+  for name in ("jitted", "predict"):
+    feats, labels = got[name]
+    np.testing.assert_allclose(feats, good)  # an image's mean pixel is its index
+    assert labels == [i % 4 for i in good]
 
 
 @pytest.mark.parametrize("env, expected", [

@@ -31,6 +31,7 @@ T = {
     "masked_medium": [((0.08, 1.0), 0.5, (0.4, 0.4, 0.2, 0.1), 0.8, 0.2, 0.0, 0.0)] * 2,
     # MAE: RandomResizedCrop(0.2, 1) + flip; SimMIM: crop (0.67, 1) + flip; no colour.
     "mae": [((0.2, 1.0), 0.5, None, 0, 0, 0, 0)],
+    "crop_only": [((0.2, 1.0), 0.0, None, 0, 0, 0, 0)],
     "simmim": [((0.67, 1.0), 0.5, None, 0, 0, 0, 0)],
     # MaskCo: MoCo v2's augmentation with crops >= 20 % area.
     "maskco": [((0.2, 1.0), 0.5, (0.4, 0.4, 0.4, 0.1), 0.8, 0.2, 0.5, 0.0)] * 2,

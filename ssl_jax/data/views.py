@@ -140,6 +140,8 @@ _RECIPES: dict[str, tuple[ViewSpec, ...]] = {
                           interpolation="bicubic", crop_sampler="detcon")),
     # MAE PRETRAIN recipe: RandomResizedCrop(scale=(0.2, 1), bicubic) + flip, no colour.
     "mae": (ViewSpec(crop_scale=(0.2, 1.0), interpolation="bicubic"),),
+    # ccMIM's text (FIDELITY row 20, `:paper`): "only random resized crop", MAE's crop, no flip.
+    "crop_only": (ViewSpec(crop_scale=(0.2, 1.0), flip_p=0.0, interpolation="bicubic"),),
     # SimMIM: RandomResizedCrop(scale=(0.67, 1), ratio=(3/4, 4/3)) + flip, no colour.
     "simmim": (ViewSpec(crop_scale=(0.67, 1.0)),),
     # Masked MoCo/BYOL (Sec. 4.1, Table 4): light = one shared crop, colour twice.

@@ -178,17 +178,20 @@ def test_resnet_stem_uses_symmetric_padding():
   np.testing.assert_allclose(conv1, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_resnet_maxpool_pads_with_minus_infinity():
-  # After the stem's ReLU padding by 0 or −inf is the same, so check the pool itself on
-  # negative inputs, as the stem applies it: a border output must not be 0.
-  from flax import linen as nn
-  x = -jnp.arange(1, 1 + 16, dtype=jnp.float32).reshape(1, 4, 4, 1)
-  out = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-  ref = np.full((1, 6, 6, 1), -np.inf)
-  ref[:, 1:5, 1:5] = np.asarray(x)
-  expected = np.array([[ref[0, 2 * i:2 * i + 3, 2 * j:2 * j + 3, 0].max() for j in range(2)]
-                       for i in range(2)])
-  np.testing.assert_array_equal(out[0, :, :, 0], expected)
+def test_resnet_stem_max_pool_is_torchs():
+  """The model's own stem: max-pool 3x3, stride 2, padding 1 (torch's MaxPool2d(3, 2, 1)) of
+  relu(bn1(conv1(x))), against a NumPy pool of the captured bn1 output. The even 16x16 map
+  tells the explicit symmetric padding from 'SAME' (which pads 0 before, 1 after) and from
+  'VALID'. The pad value (-inf in flax, as torch) cannot show: after the ReLU every window holds
+  a value >= 0, so padding by 0 or by -inf gives the same maximum."""
+  model, variables = _tiny_resnet("bottleneck_imagenet_stem")
+  out, state = _jit_apply(model, train=False, capture_intermediates=True)(variables, _images())
+  pre = np.maximum(np.asarray(state["intermediates"]["bn1"]["__call__"][0]), 0.0)
+  assert pre.shape == (2, 16, 16, 8)
+  padded = np.pad(pre, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
+  expected = np.max([padded[:, i:i + 16:2, j:j + 16:2] for i in range(3) for j in range(3)], 0)
+  assert out["stem"].shape == expected.shape == (2, 8, 8, 8)
+  np.testing.assert_array_equal(out["stem"], expected)
 
 
 def test_resnet_batch_stats_update_in_train_only():

@@ -78,6 +78,7 @@ def _vit_count(d: int, depth: int, p: int = 16, n: int = 196) -> int:
     ("vit_tiny", 5_524_416),    # timm vit_tiny_patch16_224 5,717,416 − head 193,000
     ("vit_small", 21_665_664),  # 22,050,664 − 385,000
     ("vit_base", 85_798_656),   # 86,567,656 − 769,000
+    ("vit_large", 303_301_632),  # timm vit_large_patch16_224 304,326,632 − 1,025,000
 ])
 def test_full_size_parameter_count(name, expected):
   model = models.get_backbone(name)
@@ -479,6 +480,6 @@ def test_get_backbone_errors():
   with pytest.raises(ValueError, match="patch_size"):
     models.get_backbone("resnet18", patch_size=8)
   assert set(models.BACKBONES) == {"resnet18", "resnet34", "resnet50", "resnet101", "vit_tiny",
-                                   "vit_small", "vit_base", "swin_tiny", "swin_small",
+                                   "vit_small", "vit_base", "vit_large", "swin_tiny", "swin_small",
                                    "swin_base"}
   assert models.get_backbone("vit_small", patch_size=8).patch_size == 8

@@ -333,3 +333,21 @@ def test_color_jitter_applies_the_ops_in_both_orders():
   assert distinct.mean() > 0.9
   assert np.all(first | second) and not np.any(first & second & distinct)
   assert 0.35 < first[distinct].mean() < 0.65
+
+
+def test_view_spec_probabilities_reach_the_ops():
+  """Through `color_augment` (what the views run): `blur_p` = 0.5 with `blur_sigma` blurs about
+  half the batch with sigma in that range, `jitter_p` = 0.5 jitters about half."""
+  x = np.broadcast_to(_impulse() * 255, (N_KEYS, 40, 40, 3))
+  spec = views.ColorSpec(blur_p=0.5, blur_sigma=(0.5, 1.5))
+  out = np.asarray(jitted(spec)(jax.random.key(5), jnp.asarray(x)))
+  blurred = np.abs(out - x / 255).reshape(N_KEYS, -1).max(axis=1) > 0
+  assert 0.4 < blurred.mean() < 0.6
+  sigma = _recovered_sigmas(out[blurred])
+  assert sigma.min() >= 0.5 - 1e-3 and sigma.max() <= 1.5 + 1e-3
+  assert sigma.min() < 0.55 and sigma.max() > 1.45
+  spec = views.ColorSpec(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, jitter_p=0.5)
+  mid = np.broadcast_to(_mid_image(13)[None] * 255, (N_KEYS, 8, 8, 3))
+  out = np.asarray(jitted(spec)(jax.random.key(6), jnp.asarray(mid)))
+  changed = np.abs(out - mid / 255).reshape(N_KEYS, -1).max(axis=1) > 1e-5
+  assert 0.4 < changed.mean() < 0.6

@@ -239,8 +239,9 @@ def imagenet_data(config: ConfigDict, split: str = "train") -> None:
 def apply_size_variant(config: ConfigDict, args: dict[str, Any], vit: bool = False) -> None:
   """`demo` (CPU minutes on the built-in photos) and `test` (seconds, tiny model) variants.
 
-  Both keep the method's own recipe (views, losses, optimizer family) and shrink the model, the
-  resolution, the batch and the run; `demo` adds a kNN probe on held-out photo regions.
+  Both keep the method's own recipe (views, losses, optimizer family, the ResNet's
+  `zero_init_residual`) and shrink the model, the resolution, the batch and the run; `demo` adds
+  a kNN probe on held-out photo regions.
   """
   if not (args.get("demo") or args.get("test")):
     return
@@ -250,8 +251,11 @@ def apply_size_variant(config: ConfigDict, args: dict[str, Any], vit: bool = Fal
                                "embed_dim": 64 if demo else 32, "depth": 4 if demo else 2,
                                "num_heads": 4 if demo else 2})
   else:
+    zero_init = config.model.get("zero_init_residual")
     config.model = ConfigDict({"name": "resnet18", "width": 16 if demo else 8,
                                "small_image_stem": not demo})
+    if zero_init is not None:
+      config.model.zero_init_residual = zero_init
   config.data.source = "builtin_photos"
   config.data.source_args = ConfigDict({"split": "train", "num_per_photo": 64 if demo else 8,
                                         "crop_size": 96 if demo else 48})
@@ -277,40 +281,91 @@ def apply_size_variant(config: ConfigDict, args: dict[str, Any], vit: bool = Fal
         test_args={"split": "probe", "num_per_photo": 16, "crop_size": 96})
 
 
-DETCON_VARIANTS = ("demo", "test", "epochs", "coco", "grid")
+def epoch_preset(table: dict[int, dict[str, Any]], epochs: Any, config_name: str
+                 ) -> dict[str, Any]:
+  """The row of an official per-epoch hyper-parameter table (BYOL's `_LR_PRESETS`, ...).
+
+  Only the table's epoch counts have official values: another count is refused (as the
+  official BYOL config's `assert num_epochs in [40, 100, 300, 1000]`), never mapped to a
+  neighbouring row.
+  """
+  if epochs not in table:
+    rows = ", ".join(str(e) for e in sorted(table))
+    raise ConfigError(
+        f"config variant epochs={epochs}: {config_name} has official presets for {rows} epochs "
+        f"only; pick one of them (and override config.train.num_epochs, config.optim.base_lr, "
+        f"config.optim.weight_decay, config.method_args.ema_base yourself for another length)")
+  return table[epochs]
+
+
+# BYOL (deepmind-research byol/configs/byol.py `_LR_PRESETS`, `_WD_PRESETS`, `_EMA_PRESETS`); the
+# DetCon paper (App. A.3) gives DetCon-B the 300- and 1000-epoch rows.
+BYOL_PRESETS = {
+    40: {"base_lr": 0.45, "weight_decay": 1e-6, "ema_base": 0.97},
+    100: {"base_lr": 0.45, "weight_decay": 1e-6, "ema_base": 0.99},
+    300: {"base_lr": 0.3, "weight_decay": 1e-6, "ema_base": 0.99},
+    1000: {"base_lr": 0.2, "weight_decay": 1.5e-6, "ema_base": 0.996},
+}
+DETCON_B_PRESETS = {e: BYOL_PRESETS[e] for e in (300, 1000)}
+
+DETCON_VARIANTS = ("demo", "test", "epochs", "coco", "grid", "fh_scale")
+# DetCon Sec. 3.2: FH with s ∈ {500, 1000, 1500} and min size c = s on COCO, s = c = 1000 on
+# ImageNet.
+DETCON_COCO_FH_SCALES = (500, 1000, 1500)
 
 
 def detcon_config(method: str, args: dict[str, Any]) -> ConfigDict:
   """configs/detcon_b.py and detcon_s.py: they differ in heads, EMA and presets only."""
   variant_b = method == "detcon_b"
-  coco = bool(args.get("coco"))
-  epochs = args.get("epochs", 1296 if coco else 1000)
-  long_b = variant_b and epochs >= 1000
+  coco, grid = bool(args.get("coco")), bool(args.get("grid"))
+  # DetCon-S on COCO: 1296 epochs, one point of its Fig. 6 range (324-5184); DetCon-B has no COCO
+  # row in the paper and keeps its ImageNet 1000-epoch preset.
+  epochs = args.get("epochs", 1296 if coco and not variant_b else 1000)
+  fh_scale = args.get("fh_scale", 1000)
   c = base_config()
   c.method = method
   c.method_args = ConfigDict({
       "projector_hidden": 4096 if variant_b else 2048,
       "projector_dim": 256 if variant_b else 128,
-      "predictor_hidden": 4096,
-      "ema_base": 0.996 if long_b else 0.99,
       "temperature": 0.1,
       "num_samples": 16,
       "mask_pooling": "hard",
       "sample_from": "view",
   })
-  c.model = ConfigDict({"name": "resnet50"})
-  c.data.source = "fh_masks"
-  c.data.source_args = ConfigDict({
-      "path": "", "scale": 1000, "min_size": 1000})
+  if variant_b:
+    preset = epoch_preset(DETCON_B_PRESETS, epochs, "DetCon-B")
+    c.method_args.predictor_hidden = 4096
+    c.method_args.ema_base = preset["ema_base"]
+  else:  # SimCLR's optimisation at every length (DetCon App. A.3)
+    preset = {"base_lr": 0.3, "weight_decay": 1e-6}
+  # The official ResNets zero the last BN γ of each residual block (Haiku / SimCLR v1).
+  c.model = ConfigDict({"name": "resnet50", "zero_init_residual": True})
+  if coco:
+    if fh_scale not in DETCON_COCO_FH_SCALES:
+      raise ConfigError(f"config variant fh_scale={fh_scale}: COCO masks use the paper's scales "
+                        f"{DETCON_COCO_FH_SCALES} (min size = scale)")
+    # COCO train2017 is one flat folder of JPEGs: an unlabelled image folder.
+    images = ("image_folder", {"root": ""})
+  else:
+    if "fh_scale" in args:
+      raise ConfigError("config variant fh_scale: ImageNet masks use scale = min size = 1000 "
+                        "(DetCon Sec. 3.2); fh_scale picks among COCO's, add `coco`")
+    images = ("tfds", {"name": "imagenet2012", "split": "train", "data_dir": ""})
+  if grid:  # spatial-grid masks are made on the fly: the plain image source, no precompute
+    c.data.source = images[0]
+    c.data.source_args = ConfigDict(images[1])
+  else:
+    c.data.source = "fh_masks"
+    c.data.source_args = ConfigDict({"path": "", "scale": fh_scale, "min_size": fh_scale})
   c.data.num_workers = 8
   c.data.prefetch = 4
   c.data.image_size = 224
   c.data.views = method
-  c.data.masks = "grid" if args.get("grid") else "fh"
-  c.data.max_segments = 64
+  c.data.masks = "grid" if grid else "fh"
+  c.data.max_segments = 256
   c.optim.name = "lars"
-  c.optim.base_lr = 0.2 if long_b else 0.3
-  c.optim.weight_decay = 1.5e-6 if long_b else 1e-6
+  c.optim.base_lr = preset["base_lr"]
+  c.optim.weight_decay = preset["weight_decay"]
   c.optim.warmup_epochs = 10.0
   if coco:
     c.optim.schedule = "piecewise"
@@ -319,13 +374,13 @@ def detcon_config(method: str, args: dict[str, Any]) -> ConfigDict:
   if args.get("demo") or args.get("test"):
     apply_size_variant(c, args)
     demo = bool(args.get("demo"))
-    # The built-in photos get FH masks computed once into a cache (ssl_jax.data.fh_masks).
-    c.data.source = "fh_masks"
-    c.data.source_args = ConfigDict({
-        "path": "", "scale": 100 if demo else 50, "min_size": 50 if demo else 20,
-        "precompute_from": "builtin_photos",
-        "precompute_args": ConfigDict({"split": "train", "num_per_photo": 64 if demo else 8,
-                                       "crop_size": 96 if demo else 48})})
+    if not grid:  # the built-in photos get FH masks computed once into a cache
+      c.data.source = "fh_masks"
+      c.data.source_args = ConfigDict({
+          "path": "", "scale": 100 if demo else 50, "min_size": 50 if demo else 20,
+          "precompute_from": "builtin_photos",
+          "precompute_args": ConfigDict({"split": "train", "num_per_photo": 64 if demo else 8,
+                                         "crop_size": 96 if demo else 48})})
     c.data.max_segments = 16
     c.method_args.num_samples = 8 if demo else 4
   return c

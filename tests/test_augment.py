@@ -208,3 +208,146 @@ def test_ops_are_vmappable_and_jittable():
   f = jax.jit(jax.vmap(lambda k, im: augment.gaussian_blur(k, augment.solarize(k, im, 0.5))))
   out = f(keys, x)
   assert out.shape == x.shape
+
+
+# --- p = 0.5: rates, recovered parameters, op orders (issue 20 item 19) ------------------------
+
+N_KEYS = 400  # binomial(400, 0.5): sd 0.025, so [0.4, 0.6] is 4 sd either side
+
+
+def _keys(n=N_KEYS, seed=0):
+  return jax.random.split(jax.random.key(seed), n)
+
+
+def _impulse(side=40):
+  x = np.zeros((side, side, 3), np.float32)
+  x[side // 2, side // 2] = 1.0
+  return x
+
+
+@functools.lru_cache(maxsize=None)
+def _blur_batch(sigma_range, p):
+  return jax.jit(jax.vmap(lambda k, im: augment.gaussian_blur(k, im, sigma_range, p=p),
+                          in_axes=(0, None)))
+
+
+def _recovered_sigmas(out, side=40):
+  """sigma of each blurred impulse: out[c, c+1] / out[c, c] = w1 / w0 = exp(-1 / (2 sigma^2))."""
+  c = side // 2
+  ratio = out[:, c, c + 1, 0].astype(np.float64) / out[:, c, c, 0]
+  return np.sqrt(-1.0 / (2.0 * np.log(ratio)))
+
+
+def test_random_blur_rate_and_recovered_sigma_at_p_half():
+  x = _impulse()  # 40 px: a 5-tap kernel
+  out = np.asarray(_blur_batch((0.5, 1.5), 0.5)(_keys(), jnp.asarray(x)))
+  blurred = np.abs(out - x).reshape(N_KEYS, -1).max(axis=1) > 0
+  assert 0.4 < blurred.mean() < 0.6
+  np.testing.assert_array_equal(out[~blurred], np.broadcast_to(x, out[~blurred].shape))
+  sigma = _recovered_sigmas(out[blurred])
+  # sigma ~ U(0.5, 1.5): every draw inside, the extremes near the ends, mean and spread uniform's.
+  assert sigma.min() >= 0.5 - 1e-3 and sigma.max() <= 1.5 + 1e-3
+  assert sigma.min() < 0.55 and sigma.max() > 1.45
+  assert abs(sigma.mean() - 1.0) < 0.06 and abs(sigma.std() - 1 / np.sqrt(12)) < 0.04
+  # The default range (0.1, 2.0), BYOL/SimCLR's.
+  sigma = _recovered_sigmas(np.asarray(_blur_batch((0.1, 2.0), 1.0)(_keys(seed=1),
+                                                                    jnp.asarray(x))))
+  assert sigma.min() >= 0.1 - 1e-3 and sigma.max() <= 2.0 + 1e-3
+  assert sigma.min() < 0.2 and sigma.max() > 1.9 and abs(sigma.mean() - 1.05) < 0.1
+
+
+@functools.lru_cache(maxsize=None)
+def _jitter_batch(b, c, s, h, p, style):
+  return jax.jit(jax.vmap(lambda k, im: augment.color_jitter(k, im, b, c, s, h, p=p,
+                                                             style=style), in_axes=(0, None)))
+
+
+def _mid_image(seed=11):
+  """Values in [0.4, 0.6]: no op below clips (|factor - 1| <= 0.5, |delta| <= 0.2)."""
+  return (0.4 + 0.2 * rand_image(seed)).astype(np.float32)
+
+
+def _assert_uniform(values, lo, hi):
+  assert values.min() >= lo - 1e-4 and values.max() <= hi + 1e-4
+  span = hi - lo
+  assert values.min() < lo + 0.05 * span and values.max() > hi - 0.05 * span
+  assert abs(values.mean() - (lo + hi) / 2) < 0.06 * span
+
+
+def test_color_jitter_rate_at_p_half():
+  x = _mid_image()
+  out = np.asarray(_jitter_batch(0.4, 0.4, 0.4, 0.1, 0.5, "byol")(_keys(), jnp.asarray(x)))
+  changed = np.abs(out - x).reshape(N_KEYS, -1).max(axis=1) > 1e-6
+  assert 0.4 < changed.mean() < 0.6
+  np.testing.assert_array_equal(out[~changed], np.broadcast_to(x, out[~changed].shape))
+
+
+@pytest.mark.parametrize("style", ["byol", "torchvision"])
+def test_color_jitter_recovered_factor_ranges(style):
+  """Each op alone at p = 1 over 400 keys; its factor recovered from the output: brightness
+  delta ~ U[-b, b] (TF) / factor ~ U[1-b, 1+b] (torchvision), contrast and saturation factors
+  ~ U[1-c, 1+c], hue delta ~ U[-h, h]."""
+  x = _mid_image()
+  keys, n = _keys(), N_KEYS
+  out = np.asarray(_jitter_batch(0.2, 0, 0, 0, 1.0, style)(keys, jnp.asarray(x)), np.float64)
+  if style == "torchvision":
+    _assert_uniform((out / x).reshape(n, -1).mean(axis=1), 0.8, 1.2)
+  else:
+    _assert_uniform((out - x).reshape(n, -1).mean(axis=1), -0.2, 0.2)
+  out = np.asarray(_jitter_batch(0, 0.5, 0, 0, 1.0, style)(keys, jnp.asarray(x)), np.float64)
+  mean = (x @ np.array(augment.GRAYSCALE_WEIGHTS)).mean() if style == "torchvision" else \
+      x.mean(axis=(0, 1))
+  factor = ((out - mean) * (x - mean)).reshape(n, -1).sum(1) / ((x - mean)**2).sum()
+  _assert_uniform(factor, 0.5, 1.5)
+  out = np.asarray(_jitter_batch(0, 0, 0.5, 0, 1.0, style)(keys, jnp.asarray(x)), np.float64)
+  if style == "torchvision":
+    grey = (x @ np.array(augment.GRAYSCALE_WEIGHTS))[..., None]
+    factor = ((out - grey) * (x - grey)).reshape(n, -1).sum(1) / ((x - grey)**2).sum()
+  else:
+    # HSV saturation scales by the factor (x's saturation <= 0.5 / 0.6 < 1 / 1.5: no clip).
+    sat = lambda im: (im.max(-1) - im.min(-1)) / im.max(-1)
+    factor = np.median(sat(out) / sat(x), axis=(1, 2))
+  _assert_uniform(factor, 0.5, 1.5)
+  out = np.asarray(_jitter_batch(0, 0, 0, 0.1, 1.0, style)(keys, jnp.asarray(x)), np.float64)
+  hue_in = hsv_reference(x.astype(np.float64))[..., 0]
+  delta = np.array([np.median((hsv_reference(o)[..., 0] - hue_in + 0.5) % 1.0 - 0.5)
+                    for o in out[:80]])  # colorsys is slow: 80 draws
+  assert delta.min() >= -0.1 - 1e-4 and delta.max() <= 0.1 + 1e-4
+  assert delta.min() < -0.08 and delta.max() > 0.08
+
+
+def test_color_jitter_applies_the_ops_in_both_orders():
+  """Brightness and saturation (which do not commute) at p = 1: each draw equals exactly one
+  of the two compositions of the single ops with the same key (the draws of an op do not depend
+  on which others are on), and both orders occur about equally often."""
+  x = jnp.asarray(rand_image(12))
+  keys = _keys(200, seed=3)
+  both = np.asarray(_jitter_batch(0.3, 0, 0.6, 0, 1.0, "byol")(keys, x))
+  b_then_s = np.asarray(jax.jit(jax.vmap(lambda k: augment.color_jitter(
+      k, augment.color_jitter(k, x, 0.3, 0, 0, 0), 0, 0, 0.6, 0)))(keys))
+  s_then_b = np.asarray(jax.jit(jax.vmap(lambda k: augment.color_jitter(
+      k, augment.color_jitter(k, x, 0, 0, 0.6, 0), 0.3, 0, 0, 0)))(keys))
+  first = np.abs(both - b_then_s).reshape(200, -1).max(1) < 1e-5
+  second = np.abs(both - s_then_b).reshape(200, -1).max(1) < 1e-5
+  distinct = np.abs(b_then_s - s_then_b).reshape(200, -1).max(1) > 1e-3
+  assert distinct.mean() > 0.9
+  assert np.all(first | second) and not np.any(first & second & distinct)
+  assert 0.35 < first[distinct].mean() < 0.65
+
+
+def test_view_spec_probabilities_reach_the_ops():
+  """Through `color_augment` (what the views run): `blur_p` = 0.5 with `blur_sigma` blurs about
+  half the batch with sigma in that range, `jitter_p` = 0.5 jitters about half."""
+  x = np.broadcast_to(_impulse() * 255, (N_KEYS, 40, 40, 3))
+  spec = views.ColorSpec(blur_p=0.5, blur_sigma=(0.5, 1.5))
+  out = np.asarray(jitted(spec)(jax.random.key(5), jnp.asarray(x)))
+  blurred = np.abs(out - x / 255).reshape(N_KEYS, -1).max(axis=1) > 0
+  assert 0.4 < blurred.mean() < 0.6
+  sigma = _recovered_sigmas(out[blurred])
+  assert sigma.min() >= 0.5 - 1e-3 and sigma.max() <= 1.5 + 1e-3
+  assert sigma.min() < 0.55 and sigma.max() > 1.45
+  spec = views.ColorSpec(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, jitter_p=0.5)
+  mid = np.broadcast_to(_mid_image(13)[None] * 255, (N_KEYS, 8, 8, 3))
+  out = np.asarray(jitted(spec)(jax.random.key(6), jnp.asarray(mid)))
+  changed = np.abs(out - mid / 255).reshape(N_KEYS, -1).max(axis=1) > 1e-5
+  assert 0.4 < changed.mean() < 0.6

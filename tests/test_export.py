@@ -143,21 +143,32 @@ def test_parse_arch_forms():
 
 
 def test_classifier_bn_is_folded_into_fc():
+  """fc = head ∘ BN(eval, no affine, ε 1e-6). The running variances (1e-7 .. 1e-5) are of the
+  order of ε, so a fold with another ε (torch's default 1e-5, or none) moves the logits by far
+  more than the tolerance; variances near 1 would hide it (a relative change of ~1e-5)."""
   clf = heads.LinearClassifier(num_classes=3, batch_norm=True)
   x = np.random.default_rng(0).normal(size=(5, 512)).astype(np.float32)
   variables = clf.init(KEY, x, train=False)
   rng = np.random.default_rng(1)
   variables = {"params": variables["params"],
                "batch_stats": {"bn": {"mean": rng.normal(size=512).astype(np.float32),
-                                      "var": rng.uniform(0.5, 2, 512).astype(np.float32)}}}
+                                      "var": 10**rng.uniform(-7, -5, 512).astype(np.float32)}}}
   sd = torch_export.to_torch_state_dict(_random_variables("resnet18"), "resnet18",
                                         classifier=variables)
   logits = x.astype(np.float64) @ sd["fc.weight"].T.astype(np.float64) + sd["fc.bias"]
   bn = variables["batch_stats"]["bn"]
-  h = (x - bn["mean"]) / np.sqrt(bn["var"] + 1e-6)
   head = variables["params"]["head"]
-  np.testing.assert_allclose(logits, h @ head["kernel"] + head["bias"], rtol=1e-4, atol=1e-4)
+  for eps, same in ((1e-6, True), (1e-5, False), (0.0, False)):
+    h = (x - bn["mean"].astype(np.float64)) / np.sqrt(bn["var"].astype(np.float64) + eps)
+    expected = h @ head["kernel"] + head["bias"]
+    assert np.allclose(logits, expected, rtol=1e-4, atol=1e-4) == same, eps
   np.testing.assert_allclose(clf.apply(variables, x, train=False), logits, rtol=1e-4, atol=1e-4)
+  # The ε argument is the one folded in.
+  sd5 = torch_export.to_torch_state_dict(_random_variables("resnet18"), "resnet18",
+                                         classifier=variables, classifier_bn_epsilon=1e-5)
+  h5 = (x - bn["mean"].astype(np.float64)) / np.sqrt(bn["var"].astype(np.float64) + 1e-5)
+  np.testing.assert_allclose(x.astype(np.float64) @ sd5["fc.weight"].T + sd5["fc.bias"],
+                             h5 @ head["kernel"] + head["bias"], rtol=1e-4, atol=1e-4)
 
 
 def test_export_writes_safetensors_with_metadata(tmp_path):

@@ -228,6 +228,40 @@ def test_config_variants_are_the_papers(arg, optimizer, schedule, batch, bn, int
   assert linear_eval.resolve_features(config, {"name": "vit_base"}) == "cls"
 
 
+@pytest.mark.parametrize("arg", ["vit", "mae"])
+def test_vit_head_is_plain_linear_mae_head_has_bn(arg):
+  """Issue 20 item 7. `:vit` (MoCo v3 main_lincls.py): logits = W·cls + b, no BatchNorm and no
+  batch statistics. `:mae` (main_linprobe.py): BatchNorm1d(affine=False, ε 1e-6) before W."""
+  module = get_backbone("vit_tiny", patch_size=8, embed_dim=32, depth=1, num_heads=2)
+  variables = jax.jit(lambda k: module.init(k, jnp.zeros((1, 32, 32, 3)), train=False))(
+      jax.random.PRNGKey(0))
+  config = load_config("linear_eval", arg)
+  with config.unlocked():
+    config.data.image_size = 32
+  data = supervised.Data(None, None, 5, total_steps=4, steps_per_epoch=2, warmup_steps=0)
+  protocol = linear_eval.make_protocol(config, data, backbone=(module, variables,
+                                                               {"name": "vit_tiny"}))
+  assert protocol.summary["features"] == "cls"
+  assert protocol.summary["head_batch_norm"] is (arg == "mae")
+  params, state = jax.jit(protocol.init)(jax.random.PRNGKey(1))
+  rng = np.random.default_rng(2)
+  params = jax.tree.map(lambda p: p + 0.1 * rng.normal(size=p.shape), params)
+  images = jnp.asarray(rng.integers(0, 256, (4, 32, 32, 3)), jnp.uint8)
+  feats = np.asarray(jax.jit(lambda v, x: linear_eval.backbone_features(
+      module, v, views.eval_images(x), "cls"))(variables, images), np.float64)
+  if arg == "vit":
+    assert set(params) == {"head"} and not state
+  else:
+    assert set(params) == {"head"} and set(state["batch_stats"]) == {"bn"}
+    state = {"batch_stats": {"bn": {"mean": jnp.asarray(rng.normal(size=32), jnp.float32),
+                                    "var": jnp.asarray(rng.uniform(0.5, 2, 32), jnp.float32)}}}
+    bn = state["batch_stats"]["bn"]
+    feats = (feats - np.asarray(bn["mean"])) / np.sqrt(np.asarray(bn["var"]) + 1e-6)
+  logits = jax.jit(protocol.logits_fn)(params, state, variables, images)
+  expected = feats @ np.asarray(params["head"]["kernel"]) + np.asarray(params["head"]["bias"])
+  np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # The multi-layer protocol (MaskCo / OpenSelfSup r50_multihead)
 

@@ -126,3 +126,56 @@ def test_mask_pool_soft_matches_bruteforce():
       if m.sum() > 0:
         want[i, r] = (m[:, None] * flat[i]).sum(0) / m.sum()
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- data parallelism
+
+
+COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter")
+
+
+def test_mask_to_grid_needs_no_collective_on_8_devices():
+  """Counting is per example: with the batch sharded over 8 devices, the compiled HLO of the
+  hard and soft grids holds no collective (a segment_sum over the flattened global batch made
+  every device build the global counts and all-reduce them)."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
+  mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+  sharded = NamedSharding(mesh, PartitionSpec("data"))
+  masks = jax.device_put(np.random.default_rng(0).integers(-1, 9, (16, 16, 16)).astype(np.int8),
+                         sharded)
+  fn = jax.jit(lambda m: (mask_pooling.masks_to_grid(m, 4, 8),
+                          mask_pooling.masks_to_grid_soft(m, 4, 8)),
+               in_shardings=sharded, out_shardings=(sharded, sharded))
+  compiled = fn.lower(masks).compile()
+  hlo = compiled.as_text()
+  assert "scatter" in hlo  # the counting is in there
+  assert not [c for c in COLLECTIVES if c in hlo], [c for c in COLLECTIVES if c in hlo]
+  grid, soft = compiled(masks)
+  np.testing.assert_array_equal(np.asarray(grid), np_grid(np.asarray(masks), 4, 8))
+  np.testing.assert_allclose(np.asarray(soft), np_grid(np.asarray(masks), 4, 8, soft=True),
+                             atol=1e-6)
+
+
+# ---------------------------------------------------------------- soft pooling samples
+
+
+def test_soft_present_ids_include_ids_that_win_no_cell():
+  """Id 2 covers a quarter of every cell of the top row: it wins none (hard grid), yet has a
+  positive soft weight there, so soft pooling can pool it and must be able to sample it; id 3
+  covers nothing and is never sampled."""
+  masks = np.zeros((1, 8, 8), np.int32)
+  masks[0, 4:] = 1
+  masks[0, 0:2, 0:2] = 2  # 4 of the 16 pixels of cell (0, 0)
+  masks[0, 0:2, 4:6] = 2  # 4 of the 16 pixels of cell (0, 1)
+  grid = np.asarray(mask_pooling.masks_to_grid(jnp.asarray(masks), 2, 4))
+  weights = mask_pooling.masks_to_grid_soft(jnp.asarray(masks), 2, 4)
+  np.testing.assert_array_equal(grid, [[[0, 0], [1, 1]]])
+  hard = np.asarray(mask_pooling.present_ids(jnp.asarray(grid), 4))
+  soft = np.asarray(mask_pooling.present_ids_soft(weights))
+  np.testing.assert_array_equal(hard, [[True, True, False, False]])
+  np.testing.assert_array_equal(soft, [[True, True, True, False]])
+  # Reference: an id is present when some pixel of it lies in a counted cell.
+  np.testing.assert_array_equal(soft[0], [np.any(masks == i) for i in range(4)])
+  got = np.asarray(mask_pooling.sample_present_ids(jax.random.PRNGKey(0), jnp.asarray(soft), 300))
+  assert set(got[0]) == {0, 1, 2}
+  np.testing.assert_allclose([np.mean(got[0] == i) for i in range(3)], 1 / 3, atol=0.08)

@@ -78,6 +78,7 @@ def _vit_count(d: int, depth: int, p: int = 16, n: int = 196) -> int:
     ("vit_tiny", 5_524_416),    # timm vit_tiny_patch16_224 5,717,416 − head 193,000
     ("vit_small", 21_665_664),  # 22,050,664 − 385,000
     ("vit_base", 85_798_656),   # 86,567,656 − 769,000
+    ("vit_large", 303_301_632),  # timm vit_large_patch16_224 304,326,632 − 1,025,000
 ])
 def test_full_size_parameter_count(name, expected):
   model = models.get_backbone(name)
@@ -178,17 +179,20 @@ def test_resnet_stem_uses_symmetric_padding():
   np.testing.assert_allclose(conv1, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_resnet_maxpool_pads_with_minus_infinity():
-  # After the stem's ReLU padding by 0 or −inf is the same, so check the pool itself on
-  # negative inputs, as the stem applies it: a border output must not be 0.
-  from flax import linen as nn
-  x = -jnp.arange(1, 1 + 16, dtype=jnp.float32).reshape(1, 4, 4, 1)
-  out = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-  ref = np.full((1, 6, 6, 1), -np.inf)
-  ref[:, 1:5, 1:5] = np.asarray(x)
-  expected = np.array([[ref[0, 2 * i:2 * i + 3, 2 * j:2 * j + 3, 0].max() for j in range(2)]
-                       for i in range(2)])
-  np.testing.assert_array_equal(out[0, :, :, 0], expected)
+def test_resnet_stem_max_pool_is_torchs():
+  """The model's own stem: max-pool 3x3, stride 2, padding 1 (torch's MaxPool2d(3, 2, 1)) of
+  relu(bn1(conv1(x))), against a NumPy pool of the captured bn1 output. The even 16x16 map
+  tells the explicit symmetric padding from 'SAME' (which pads 0 before, 1 after) and from
+  'VALID'. The pad value (-inf in flax, as torch) cannot show: after the ReLU every window holds
+  a value >= 0, so padding by 0 or by -inf gives the same maximum."""
+  model, variables = _tiny_resnet("bottleneck_imagenet_stem")
+  out, state = _jit_apply(model, train=False, capture_intermediates=True)(variables, _images())
+  pre = np.maximum(np.asarray(state["intermediates"]["bn1"]["__call__"][0]), 0.0)
+  assert pre.shape == (2, 16, 16, 8)
+  padded = np.pad(pre, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
+  expected = np.max([padded[:, i:i + 16:2, j:j + 16:2] for i in range(3) for j in range(3)], 0)
+  assert out["stem"].shape == expected.shape == (2, 8, 8, 8)
+  np.testing.assert_array_equal(out["stem"], expected)
 
 
 def test_resnet_batch_stats_update_in_train_only():
@@ -476,6 +480,6 @@ def test_get_backbone_errors():
   with pytest.raises(ValueError, match="patch_size"):
     models.get_backbone("resnet18", patch_size=8)
   assert set(models.BACKBONES) == {"resnet18", "resnet34", "resnet50", "resnet101", "vit_tiny",
-                                   "vit_small", "vit_base", "swin_tiny", "swin_small",
+                                   "vit_small", "vit_base", "vit_large", "swin_tiny", "swin_small",
                                    "swin_base"}
   assert models.get_backbone("vit_small", patch_size=8).patch_size == 8

@@ -18,22 +18,100 @@ def painted(height=48, width=64, rect=(10, 20, 30, 44), obj_id=7):
   return image, masks
 
 
-@pytest.mark.parametrize("shape", [(48, 64), (64, 48), (7, 9), (10, 1000), (1000, 10)])
+def _attempts(height, width, scale, ratio, n=600):
+  """Dense quadrature over one attempt of RandomResizedCrop: area fraction u ~ U(scale), log
+  ratio ~ U(log ratio) on an n x n midpoint grid -> (h, w) of every grid point (rounded as
+  torchvision rounds)."""
+  u = scale[0] + (np.arange(n) + 0.5) / n * (scale[1] - scale[0])
+  log_r = np.log(ratio[0]) + (np.arange(n) + 0.5) / n * (np.log(ratio[1]) - np.log(ratio[0]))
+  target = height * width * u[:, None]
+  aspect = np.exp(log_r)[None, :]
+  w = np.round(np.sqrt(target * aspect)).astype(int)
+  h = np.round(np.sqrt(target / aspect)).astype(int)
+  return h.ravel(), w.ravel()
+
+
+def _fallback_hw(height, width, ratio):
+  """torchvision's fallback: the whole image, clamped to the ratio range, centred."""
+  if width / height < ratio[0]:
+    return int(round(width / ratio[0])), width
+  if width / height > ratio[1]:
+    return height, int(round(height * ratio[1]))
+  return height, width
+
+
+def rrc_reference(height, width, scale, ratio, tries=10):
+  """(P(box is the centred fallback box), E[box area]) of torchvision's sampler, from the
+  quadrature of one attempt: an attempt fits with probability p; after `tries` misses the
+  fallback is used; an accepted attempt can coincide with the fallback box when it has the
+  fallback's (h, w) and both uniform offsets land on the centre."""
+  h, w = _attempts(height, width, scale, ratio)
+  fit = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+  p = fit.mean()
+  q = (1 - p) ** tries
+  hf, wf = _fallback_hw(height, width, ratio)
+  if p == 0:
+    return 1.0, hf * wf
+  same = fit & (h == hf) & (w == wf)
+  positions = np.where(same, (height - h + 1) * (width - w + 1), 1)
+  coincide = np.sum(same / positions) / fit.sum()
+  mean_area = np.sum(h * w * fit) / fit.sum()
+  return q + (1 - q) * coincide, (1 - q) * mean_area + q * hf * wf
+
+
+@pytest.mark.parametrize("shape", [(48, 64), (64, 48), (7, 9), (10, 1000), (1000, 10), (3, 40)])
 @pytest.mark.parametrize("scale", [(0.08, 1.0), (0.2, 1.0), (0.67, 1.0)])
-def test_rrc_box_inside_image_and_within_bounds(shape, scale):
+def test_rrc_box_inside_image_fallback_rate_and_mean_area(shape, scale):
+  """Every box lies inside the image; how often the centred fallback box comes out and the mean
+  box area (fallbacks included) match the quadrature of torchvision's algorithm (10 attempts of
+  area ~ U(scale)·HW, log-uniform ratio, then the clamped centre crop)."""
   height, width = shape
   ratio = (3 / 4, 4 / 3)
-  for seed in range(200):
-    top, left, h, w = transforms.random_resized_crop_box(np.random.default_rng(seed), height,
-                                                         width, scale, ratio)
-    assert 0 <= top and top + h <= height and 0 <= left and left + w <= width and h > 0 and w > 0
-    fallback = (top, left) == ((height - h) // 2, (width - w) // 2) and (
-        h == height or w == width)
-    if not fallback:
-      # Rounding h and w to integers moves area and ratio by at most one pixel on each side.
-      area = height * width
-      assert scale[0] * area - (h + w + 1) <= h * w <= scale[1] * area + (h + w + 1)
-      assert ratio[0] * (h - 1) / h - 1 / h <= w / h <= ratio[1] * (h + 1) / h + 1 / h
+  n = 2000
+  boxes = np.array([transforms.random_resized_crop_box(np.random.default_rng(seed), height,
+                                                       width, scale, ratio) for seed in range(n)])
+  top, left, h, w = boxes.T
+  assert np.all((top >= 0) & (top + h <= height) & (left >= 0) & (left + w <= width))
+  assert np.all((h > 0) & (w > 0))
+  hf, wf = _fallback_hw(height, width, ratio)
+  is_fallback = (h == hf) & (w == wf) & (top == (height - hf) // 2) & (left == (width - wf) // 2)
+  want_rate, want_area = rrc_reference(height, width, scale, ratio)
+  rate_tol = 4 * np.sqrt(max(want_rate * (1 - want_rate), 1 / n) / n) + 0.005
+  assert abs(is_fallback.mean() - want_rate) <= rate_tol, (is_fallback.mean(), want_rate)
+  areas = h * w
+  area_tol = 4 * max(areas.std(), 1.0) / np.sqrt(n) + 0.005 * want_area
+  assert abs(areas.mean() - want_area) <= area_tol, (areas.mean(), want_area)
+
+
+def test_detcon_crop_is_one_draw_clipped_to_the_image():
+  """DetCon's official crop: one draw of area and ratio, w and h clipped to the image, offsets
+  uniform: on a 10 x 1000 strip (where torchvision always falls back to the centre) every box is
+  full height and placed anywhere; mean area and mean width match the quadrature of one clipped
+  draw; a box that fits is never retried."""
+  ratio, scale, n = (3 / 4, 4 / 3), (0.08, 1.0), 2000
+  for height, width in ((10, 1000), (48, 64), (7, 9)):
+    boxes = np.array([transforms.detcon_crop_box(np.random.default_rng(seed), height, width,
+                                                 scale, ratio) for seed in range(n)])
+    top, left, h, w = boxes.T
+    assert np.all((top >= 0) & (top + h <= height) & (left >= 0) & (left + w <= width))
+    assert np.all((h >= 1) & (w >= 1))
+    qh, qw = _attempts(height, width, scale, ratio)
+    qh, qw = np.clip(qh, 1, height), np.clip(qw, 1, width)
+    for got, want in ((h * w, qh * qw), (w, qw), (h, qh)):
+      tol = 4 * max(got.std(), 1.0) / np.sqrt(n) + 0.005 * want.mean()
+      assert abs(got.mean() - want.mean()) <= tol, (height, width, got.mean(), want.mean())
+    if height == 10:
+      assert np.all(h == 10) and len(set(left.tolist())) > 50
+      torchvision = transforms.random_resized_crop_box(np.random.default_rng(0), height, width,
+                                                       scale, ratio)
+      assert torchvision == (0, (1000 - 13) // 2, 10, 13)  # the centre fallback
+
+
+def test_crop_samplers_in_the_recipes():
+  from ssl_jax.data import views  # pylint: disable=import-outside-toplevel
+  for name in views.recipe_names():
+    want = "detcon" if name.startswith("detcon") else "torchvision"
+    assert {s.crop_sampler for s in views.get_recipe(name)} == {want}, name
 
 
 def test_rrc_fallback_clamps_ratio():

@@ -259,3 +259,33 @@ def test_maskco_views(shape):
     proj = transforms.project_box(boxes[0], k_crop, q_crop, k_flip, q_flip, size)
     assert np.all(proj >= -1e-3) and np.all(proj <= size + 1e-3)
     np.testing.assert_allclose(out["masked_box"], proj, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["detcon_b", "detcon_s"])
+def test_detcon_recipes_draw_the_official_crop(name):
+  """On a 10 x 1000 strip no 0.08-1 area window of ratio 3/4-4/3 fits: torchvision's sampler
+  always returns the same centre crop, DetCon's clips its one draw to the strip (full height,
+  anywhere along it)."""
+  recipe = views.get_recipe(name)
+  boxes = [g[0] for seed in range(200)
+           for g in views.sample_geometry(recipe, np.random.default_rng(seed), 10, 1000)]
+  tops, lefts, hs, ws = np.array(boxes).T
+  assert np.all(hs == 10) and np.all(tops == 0)
+  assert len(set(lefts.tolist())) > 50 and len(set(ws.tolist())) > 20
+  other = [g[0] for g in views.sample_geometry(views.get_recipe("byol"),
+                                               np.random.default_rng(0), 10, 1000)]
+  assert other[0] == other[1] == (0, (1000 - 13) // 2, 10, 13)
+
+
+def test_256_segments_travel_as_int16_and_extra_ones_are_counted():
+  """DetCon keeps 256 segments (the official uint8 id range): ids 0..255 need int16 with −1;
+  segments beyond are dropped and counted."""
+  image = np.zeros((30, 30, 3), np.uint8)
+  masks = np.arange(900, dtype=np.int32).reshape(30, 30) // 3   # 300 segments of 3 pixels
+  recipe = (views.ViewSpec(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0),)
+  out = views.make_views({"image": image, "masks": masks, "id": "m"}, recipe,
+                         np.random.default_rng(0), 30, mask_type="fh", max_segments=256)
+  assert out["masks"].dtype == np.int16 == views.mask_dtype(256)
+  assert views.mask_dtype(128) == np.int8
+  assert int(out["segments_dropped"]) == 300 - 256
+  assert out["masks"].max() == 255 and np.sum(out["masks"] == -1) == 3 * 44

@@ -83,6 +83,28 @@ def random_resized_crop_box(rng: np.random.Generator, height: int, width: int,
   return (height - h) // 2, (width - w) // 2, h, w
 
 
+def detcon_crop_box(rng: np.random.Generator, height: int, width: int,
+                    scale: Sequence[float] = (0.08, 1.0),
+                    ratio: Sequence[float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+  """Samples a crop window as the official DetCon code (`tf_image_ops.get_random_crop_window`).
+
+  One draw: area fraction ~ U(scale), aspect ratio w/h log-uniform in `ratio`,
+  w = round(√(area·aspect)), h = round(√(area/aspect)), each then clipped to the image side (so
+  a draw that does not fit becomes a full-height or full-width window with another ratio, never
+  a retry or a centre crop), offsets uniform over the positions that fit.
+
+  Returns:
+    (top, left, h, w) integers with 1 <= h <= height, 1 <= w <= width, inside the image.
+  """
+  area = height * width * rng.uniform(scale[0], scale[1])
+  aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+  w = min(max(1, int(round(math.sqrt(area * aspect)))), width)
+  h = min(max(1, int(round(math.sqrt(area / aspect)))), height)
+  top = int(rng.integers(0, height - h + 1))
+  left = int(rng.integers(0, width - w + 1))
+  return top, left, h, w
+
+
 def _nearest_indices(start: float, length: float, out: int, limit: int) -> np.ndarray:
   """Source pixel under each output pixel centre (same convention as PIL's resize with box)."""
   centres = start + (np.arange(out) + 0.5) * (length / out)

@@ -31,6 +31,10 @@ from ssl_jax.data import transforms
 
 JITTER_STYLES = ("simclr", "byol", "torchvision")
 CROP_MODES = ("independent", "shared", "diagonal")
+# Random-resized-crop samplers: torchvision's `RandomResizedCrop.get_params` (10 tries, centre
+# fallback) and the official DetCon code's single draw clipped to the image.
+CROP_SAMPLERS = {"torchvision": transforms.random_resized_crop_box,
+                 "detcon": transforms.detcon_crop_box}
 MASK_TYPES = ("fh", "grid", "gt")
 
 
@@ -74,6 +78,9 @@ class ViewSpec:
   crop_mode: "independent" (own crop), "shared" (reuse view 0's crop and flip: Masked MoCo's
     light augmentation), "diagonal" (two crops of side 224/256 of one outer crop, offset along
     the diagonal by 0-32 px at 256 scale: Masked MoCo's medium augmentation).
+  crop_sampler: how the random resized crop window is drawn: "torchvision" (up to 10 tries,
+    centre-crop fallback; `transforms.random_resized_crop_box`) or "detcon" (the official DetCon
+    code: one draw clipped to the image; `transforms.detcon_crop_box`).
   interpolation: "bilinear" | "bicubic" for the image (masks are always nearest).
   """
   crop_scale: tuple[float, float] = (0.08, 1.0)
@@ -82,10 +89,14 @@ class ViewSpec:
   color: Optional[ColorSpec] = None
   crop_mode: str = "independent"
   interpolation: str = "bilinear"
+  crop_sampler: str = "torchvision"
 
   def __post_init__(self):
     if self.crop_mode not in CROP_MODES:
       raise ValueError(f"ViewSpec.crop_mode={self.crop_mode!r} is not one of {CROP_MODES}")
+    if self.crop_sampler not in CROP_SAMPLERS:
+      raise ValueError(f"ViewSpec.crop_sampler={self.crop_sampler!r} is not one of "
+                       f"{tuple(CROP_SAMPLERS)}")
     lo, hi = self.crop_scale
     if not 0.0 < lo <= hi <= 1.0:
       raise ValueError(f"ViewSpec.crop_scale={self.crop_scale} must satisfy 0 < lo <= hi <= 1")
@@ -117,14 +128,16 @@ _RECIPES: dict[str, tuple[ViewSpec, ...]] = {
              ViewSpec(color=_BYOL_COLOR_2, interpolation="bicubic")),
     "mocov2": (ViewSpec(crop_scale=(0.2, 1.0), color=_MOCOV2_COLOR),) * 2,
     "mocov3": (ViewSpec(color=_MOCOV3_COLOR), ViewSpec(color=_MOCOV3_COLOR_2)),
-    # DetCon Table A.1: DetCon-B uses BYOL's pipeline unchanged (crop 0.08-1, bicubic).
-    "detcon_b": (ViewSpec(color=_BYOL_COLOR, interpolation="bicubic"),
-                 ViewSpec(color=_BYOL_COLOR_2, interpolation="bicubic")),
-    # DetCon Table A.1 DetCon-S column: SimCLR's colour with blur 1.0 / 0.0 (FIDELITY row 4).
+    # DetCon Table A.1: DetCon-B uses BYOL's pipeline (crop 0.08-1, bicubic), with the crop
+    # window drawn as the official DetCon code does (once, clipped to the image).
+    "detcon_b": (ViewSpec(color=_BYOL_COLOR, interpolation="bicubic", crop_sampler="detcon"),
+                 ViewSpec(color=_BYOL_COLOR_2, interpolation="bicubic", crop_sampler="detcon")),
+    # DetCon Table A.1 DetCon-S column: SimCLR's colour with blur 1.0 / 0.0 (FIDELITY row 4);
+    # DetCon's crop sampler (DetCon-S has no code of its own: the paper's one pipeline).
     "detcon_s": (ViewSpec(color=dataclasses.replace(_SIMCLR_COLOR, blur_p=1.0),
-                          interpolation="bicubic"),
+                          interpolation="bicubic", crop_sampler="detcon"),
                  ViewSpec(color=dataclasses.replace(_SIMCLR_COLOR, blur_p=0.0),
-                          interpolation="bicubic")),
+                          interpolation="bicubic", crop_sampler="detcon")),
     # MAE PRETRAIN recipe: RandomResizedCrop(scale=(0.2, 1), bicubic) + flip, no colour.
     "mae": (ViewSpec(crop_scale=(0.2, 1.0), interpolation="bicubic"),),
     # ccMIM's text (FIDELITY row 20, `:paper`): "only random resized crop", MAE's crop, no flip.
@@ -195,8 +208,8 @@ def sample_geometry(recipe: Sequence[ViewSpec], rng: np.random.Generator, height
     if len(recipe) != 2 or any(s.crop_mode != "diagonal" for s in recipe):
       raise ValueError("crop_mode='diagonal' needs exactly two views, both 'diagonal'")
     spec = recipe[0]
-    top, left, h, w = transforms.random_resized_crop_box(rng, height, width, spec.crop_scale,
-                                                         spec.crop_ratio)
+    top, left, h, w = CROP_SAMPLERS[spec.crop_sampler](rng, height, width, spec.crop_scale,
+                                                       spec.crop_ratio)
     flip = bool(rng.random() < spec.flip_p)
     distance = int(rng.integers(0, _DIAGONAL_MAX_SHIFT + 1))
     start = int(rng.integers(0, _DIAGONAL_MAX_SHIFT - distance + 1))
@@ -211,7 +224,7 @@ def sample_geometry(recipe: Sequence[ViewSpec], rng: np.random.Generator, height
         raise ValueError("crop_mode='shared' reuses view 0's crop, so view 0 cannot be shared")
       out.append(out[0])
       continue
-    box = transforms.random_resized_crop_box(rng, height, width, spec.crop_scale, spec.crop_ratio)
+    box = CROP_SAMPLERS[spec.crop_sampler](rng, height, width, spec.crop_scale, spec.crop_ratio)
     out.append((tuple(float(v) for v in box), bool(rng.random() < spec.flip_p)))
   return out
 

@@ -6,6 +6,11 @@ of the other view; the target (f_ξ, g_ξ) is an exponential moving average of t
 ξ ← τξ + (1 − τ)θ with τ = 1 − (1 − τ_base)(cos(πk/K) + 1)/2 (Eq. 1 and Sec. 3.3).
 Loss (Eq. 2, symmetrised): ‖q̄(z) − z̄'‖² + ‖q̄(z') − z̄‖² = (2 − 2 cos) for each direction.
 
+Projector g and predictor q: Linear (bias) → BN → ReLU → Linear without bias (the official Haiku
+`MLP`, `byol_mlp`); DetCon-B uses the same heads. The ResNet's last BN γ of every residual
+block starts at 0 (Haiku's `scale_init=zeros`; `config.model.zero_init_residual=True` in
+configs/byol.py).
+
 Each view goes through the networks separately, so batch-norm statistics are per view as in
 the official code; the target network runs in training mode (batch statistics), as BYOL does.
 """
@@ -30,13 +35,18 @@ def batch_spec(config):
   return base.view_batch_spec(config, num_views=2)
 
 
+def byol_mlp(hidden_dim: int, out_dim: int, dtype) -> MLP:
+  """BYOL's projector/predictor (official Haiku `MLP`): the output Linear has no bias."""
+  return MLP(hidden_dim, out_dim, num_layers=2, norm="bn", output_bias=False, dtype=dtype)
+
+
 def make(config) -> base.Method:
   a = config.method_args
   dtype = base.compute_dtype(config)
   net = base.SiameseNet(
       backbone=base.make_backbone(config),
-      projector=MLP(a.projector_hidden, a.projector_dim, num_layers=2, norm="bn", dtype=dtype),
-      predictor=MLP(a.predictor_hidden, a.projector_dim, num_layers=2, norm="bn", dtype=dtype))
+      projector=byol_mlp(a.projector_hidden, a.projector_dim, dtype),
+      predictor=byol_mlp(a.predictor_hidden, a.projector_dim, dtype))
   total_steps = config.train.total_steps
 
   def init(rng, batch):

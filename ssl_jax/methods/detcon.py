@@ -5,14 +5,21 @@ Paper Sec. 3 (the spec), with the semantics of the official JAX code where the t
 
 1. Views: two augmentations of the image and of its segmentation (FH, spatial grid or ground
    truth), carried through the same crop/flip on the host (`data/views.py`); ids are consistent
-   across the two views of an image.
+   across the two views of an image. The random crop is the official one (`crop_sampler=
+   "detcon"`: one draw of area and ratio, clipped to the image; `transforms.detcon_crop_box`),
+   not torchvision's ten tries with a centre fallback. Up to `config.data.max_segments`=256
+   segments per image are kept (the official uint8 id range; more are counted as
+   `data/segments_dropped`).
 2. Masks → feature grid: each mask is reduced to the backbone's final grid (7×7 for ResNet-50 at
    224 px) by average pooling of its one-hot then argmax, i.e. every cell gets one id
    (`ops.mask_pooling.masks_to_grid`; counted per cell, never one-hot at full resolution).
    `method_args.mask_pooling="soft"` keeps the paper's soft average-pooled weights instead.
+   Counting is per example (no collective across devices).
 3. Sampling: each view draws `num_samples`=16 ids uniformly with replacement among the ids present
    in its own grid, independently of the other view; the online and target networks use the same
-   draw (`sample_from="both"` draws among ids present in both views instead).
+   draw (`sample_from="both"` draws among ids present in both views instead). With soft pooling,
+   "present" means a positive soft weight in some cell (an id may cover part of cells without
+   winning any).
 4. Mask pooling (Eq. 1): h_m = Σ_cells [id = m] f / Σ_cells [id = m], then the projector g
    (and predictor q for B) on every pooled vector.
 5. Loss (Eq. 2–3, `losses.detcon_loss`): for each ROI, the other view's ROIs of the same image and
@@ -20,10 +27,13 @@ Paper Sec. 3 (the spec), with the semantics of the official JAX code where the t
    L2-normalised and divided by τ = 0.1, which is the paper's "rescale to norm 1/√τ" (the dot
    product of two latents of norm 1/√τ is cos/τ).
 
-DetCon-B (BYOL-style): online backbone + projector (4096 → 256) + predictor; the target network is
+DetCon-B (BYOL-style): online backbone + projector (4096 → 256) + predictor, BYOL's heads
+(`byol.byol_mlp`: the output Linear has no bias, as the official Haiku `MLP`); the target network is
 an EMA of the online one (τ_ema cosine from 0.99 / 0.996 to 1) and provides the targets.
-DetCon-S (SimCLR-style): projector 2048 → 128, no predictor and no target network: the online
-projections are both predictions and targets.
+DetCon-S (SimCLR-style): SimCLR v1's projector 2048 → 128 (`simclr.simclr_projector`, ending in a
+BN), no predictor and no target network: the online projections are both predictions and targets.
+Both start with the last BN γ of every residual block at 0, as the official ResNets
+(`config.model.zero_init_residual`).
 """
 from __future__ import annotations
 
@@ -32,8 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from ssl_jax import losses, optim
-from ssl_jax.methods import base
-from ssl_jax.models.heads import MLP
+from ssl_jax.methods import base, byol, simclr
 from ssl_jax.ops import mask_pooling
 
 def validate(config) -> None:
@@ -99,9 +108,12 @@ def make(config) -> base.Method:
   a = config.method_args
   variant_b = config.method == "detcon_b"
   dtype = base.compute_dtype(config)
-  projector = MLP(a.projector_hidden, a.projector_dim, num_layers=2, norm="bn", dtype=dtype)
-  predictor = (MLP(a.predictor_hidden, a.projector_dim, num_layers=2, norm="bn", dtype=dtype)
-               if variant_b else None)
+  if variant_b:
+    projector = byol.byol_mlp(a.projector_hidden, a.projector_dim, dtype)
+    predictor = byol.byol_mlp(a.predictor_hidden, a.projector_dim, dtype)
+  else:
+    projector, predictor = simclr.simclr_projector(a.projector_hidden, a.projector_dim, 2,
+                                                   dtype), None
   net = DetConNet(backbone=base.make_backbone(config), projector=projector, predictor=predictor,
                   num_ids=config.data.max_segments, soft=a.mask_pooling == "soft")
   total_steps, num_ids, r = config.train.total_steps, config.data.max_segments, a.num_samples
@@ -117,13 +129,18 @@ def make(config) -> base.Method:
       state["target"] = base.init_target(params, stats)
     return params, state
 
-  def sample_ids(rng, grids):
-    """grids: two [B,h,w] id grids -> two [B,R] samples (shared by online and target)."""
-    flat = [g.reshape(g.shape[0], -1) for g in grids]
+  def sample_ids(rng, feats):
+    """feats: per view (feature map, [B,h,w] id grid, soft weights or None) -> two [B,R] samples
+    (shared by online and target)."""
+    if net.soft:  # the ids soft pooling can see: positive weight in some cell
+      present = [mask_pooling.present_ids_soft(f[2]) for f in feats]
+    else:  # the ids that win a cell
+      present = [mask_pooling.present_ids(f[1], num_ids) for f in feats]
     keys = jax.random.split(rng, 2)
     if a.sample_from == "both":
-      return mask_pooling.sample_shared_mask_ids(keys[0], flat[0], flat[1], num_ids, r)
-    return tuple(mask_pooling.sample_mask_ids(keys[v], flat[v], num_ids, r) for v in range(2))
+      shared = mask_pooling.sample_present_ids(keys[0], present[0] & present[1], r)
+      return shared, shared
+    return tuple(mask_pooling.sample_present_ids(keys[v], present[v], r) for v in range(2))
 
   def loss_and_aux(params, state, batch, rng, step, constants=None):
     del step, constants
@@ -136,7 +153,7 @@ def make(config) -> base.Method:
       (fmap, grid, weights), stats = base.apply_train(
           net, params, stats, x[:, v], masks[:, v], method=DetConNet.feature_grid)
       feats.append((fmap, grid, weights))
-    ids = sample_ids(sample_rng, [f[1] for f in feats])
+    ids = sample_ids(sample_rng, feats)
     online = []
     for v in range(2):
       out, stats = base.apply_train(net, params, stats, *feats[v], ids[v],

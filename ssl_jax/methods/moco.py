@@ -10,9 +10,12 @@ Both contrast a query q (online encoder) against keys k from a momentum encoder,
   leak the shuffle guards against (as SimCLR's global BN does).
 - v3 (`config.method = "mocov3"`, ViT recipe of `CONFIG.md`): symmetric
   ctr(q1, k2) + ctr(q2, k1), keys are the other images of the global batch (no queue), the
-  loss is scaled by 2τ as in the official code; 3-layer BN projector (last BN without affine),
-  2-layer BN predictor (no last BN); m follows the cosine schedule from m_base to 1; the random patch
-  projection is frozen (Sec. 4.1 "random patch projection").
+  loss is scaled by 2τ as in the official code; m follows the cosine schedule from m_base to 1;
+  the random patch projection is frozen (Sec. 4.1 "random patch projection"). Heads as the
+  official `builder.py` (`_build_mlp`: Linear layers without bias, hidden BNs affine, `last_bn`
+  a BatchNorm1d(affine=False)): with a ViT (`MoCo_ViT`) a 3-layer projector and a 2-layer
+  predictor, *both* ending in the affine-free BN; with a ResNet (`MoCo_ResNet`) a 2-layer
+  projector ending in it and a 2-layer predictor without it (`last_bn=False`).
 """
 from __future__ import annotations
 
@@ -37,12 +40,13 @@ def _heads(config):
   a, dtype = config.method_args, base.compute_dtype(config)
   if config.method == "mocov2":
     return MLP(a.projector_hidden, a.projector_dim, num_layers=2, norm="none", dtype=dtype), None
-  # Official `_build_mlp`: Linear layers without bias (each is followed by BN), the projector
-  # ends with a BN without affine, the predictor with no BN (`last_bn=False`).
-  projector = MLP(a.projector_hidden, a.projector_dim, num_layers=3, norm="bn",
+  # Official `_build_mlp`: Linear layers without bias (each is followed by BN); `MoCo_ViT` ends
+  # both heads with a BN without affine, `MoCo_ResNet` only the projector (module docstring).
+  vit = not config.model.name.startswith("resnet")
+  projector = MLP(a.projector_hidden, a.projector_dim, num_layers=3 if vit else 2, norm="bn",
                   last_norm="bn_noaffine", use_bias=False, dtype=dtype)
-  predictor = MLP(a.predictor_hidden, a.projector_dim, num_layers=2, norm="bn", use_bias=False,
-                  dtype=dtype)
+  predictor = MLP(a.predictor_hidden, a.projector_dim, num_layers=2, norm="bn",
+                  last_norm="bn_noaffine" if vit else "none", use_bias=False, dtype=dtype)
   return projector, predictor
 
 

@@ -26,12 +26,18 @@ def batch_spec(config):
   return base.view_batch_spec(config, num_views=2)
 
 
+def simclr_projector(hidden_dim: int, out_dim: int, num_layers: int, dtype) -> MLP:
+  """SimCLR v1's projection head (module docstring); DetCon-S uses it too."""
+  return MLP(hidden_dim, out_dim, num_layers=num_layers, norm="bn", last_norm="bn_scale",
+             use_bias=False, dtype=dtype)
+
+
 def make(config) -> base.Method:
   a = config.method_args
   net = base.SiameseNet(
       backbone=base.make_backbone(config),
-      projector=MLP(a.projector_hidden, a.projector_dim, num_layers=a.projector_layers, norm="bn",
-                    dtype=base.compute_dtype(config)))
+      projector=simclr_projector(a.projector_hidden, a.projector_dim, a.projector_layers,
+                                 base.compute_dtype(config)))
 
   def init(rng, batch):
     variables = net.init({"params": rng}, base.dummy_images(batch), train=True)

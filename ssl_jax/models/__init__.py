@@ -15,6 +15,7 @@ BACKBONES = {
     "vit_tiny": vit.vit_tiny,
     "vit_small": vit.vit_small,
     "vit_base": vit.vit_base,
+    "vit_large": vit.vit_large,
     "swin_tiny": swin.swin_tiny,
     "swin_small": swin.swin_small,
     "swin_base": swin.swin_base,

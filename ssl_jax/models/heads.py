@@ -1,10 +1,17 @@
 """Projector / predictor MLPs and the linear-probe classifier.
 
-MLP: (Dense → norm → ReLU) × (num_layers − 1) → Dense → optional last norm, covering
-- SimCLR v1 / BYOL / DetCon projectors and predictors: norm="bn", last_norm="none";
-- MoCo v2: norm="none" (2-layer head without BN);
-- MoCo v3 projector: last_norm="bn_noaffine" (its `_build_mlp(..., last_bn=True)` ends with
-  BatchNorm1d(affine=False)); the official MoCo v3 layers have no bias (use_bias=False);
+MLP: (Dense → norm → ReLU) × (num_layers − 1) → Dense → optional last norm. The heads of the
+official code, each checked against it:
+- SimCLR v1 projector (google-research/simclr `model_util.projection_head` + `linear_layer`, also
+  DetCon-S's): every Dense is followed by a BN and has no bias (`use_bias and not use_bn`), the
+  hidden BN is affine, the output BN has γ but no β (`center=use_bias=False`):
+  use_bias=False, last_norm="bn_scale";
+- BYOL / DetCon-B projector and predictor (Haiku `MLP`: `Linear(with_bias=True)` → BN → ReLU →
+  `Linear(with_bias=False)`): norm="bn", output_bias=False;
+- MoCo v2: norm="none" (2-layer head without BN, biases everywhere);
+- MoCo v3 (`builder._build_mlp`): Linear layers without bias (use_bias=False), hidden BNs affine,
+  and with `last_bn=True` a final BatchNorm1d(affine=False) (last_norm="bn_noaffine"): the
+  projector always, the predictor of the ViT model (`MoCo_ViT`) too, not the ResNet one's;
 - Masked MoCo/BYOL LN heads: norm="ln", last_norm="ln" (MoCo v3's heads with every BN replaced by
   a LayerNorm, its Sec. 3.4).
 Batch norm uses batch statistics in train mode and keeps running statistics in `batch_stats`
@@ -17,7 +24,7 @@ projector, as ExtreMA (Wu et al. 2022) and Masked MoCo/BYOL's "+ CA" heads (its 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -26,12 +33,15 @@ import jax.numpy as jnp
 from ssl_jax.models import vit
 
 _NORMS = ("bn", "ln", "none")
-_LAST_NORMS = ("none", "bn", "bn_noaffine", "ln")
+_LAST_NORMS = ("none", "bn", "bn_scale", "bn_noaffine", "ln")
 
 
 class MLP(nn.Module):
-  """Attributes: hidden_dim, out_dim, num_layers (≥ 1), norm, last_norm, use_bias, dtype.
+  """Attributes: hidden_dim, out_dim, num_layers (≥ 1), norm, last_norm, use_bias (hidden Dense
+  layers), output_bias (the output Dense; None: as use_bias), dtype.
 
+  last_norm: "none"; "bn" (γ and β); "bn_scale" (γ only, SimCLR v1's `center=False`);
+  "bn_noaffine" (neither, MoCo v3); "ln".
   Parameter names: `dense_{i}`, `norm_{i}` (hidden layers), `last_norm`.
   """
   hidden_dim: int
@@ -40,6 +50,7 @@ class MLP(nn.Module):
   norm: str = "bn"
   last_norm: str = "none"
   use_bias: bool = True
+  output_bias: Optional[bool] = None
   dtype: Any = jnp.float32
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
@@ -65,12 +76,13 @@ class MLP(nn.Module):
       elif self.norm == "ln":
         x = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name=f"norm_{i}")(x)
       x = nn.relu(x)
-    x = dense(self.out_dim, name=f"dense_{self.num_layers - 1}")(x)
+    output_bias = self.use_bias if self.output_bias is None else self.output_bias
+    x = dense(self.out_dim, use_bias=output_bias, name=f"dense_{self.num_layers - 1}")(x)
     if self.last_norm == "ln":
       return nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name="last_norm")(x)
     if self.last_norm != "none":
-      affine = self.last_norm == "bn"
-      x = bn(use_scale=affine, use_bias=affine, name="last_norm")(x)
+      x = bn(use_scale=self.last_norm in ("bn", "bn_scale"), use_bias=self.last_norm == "bn",
+             name="last_norm")(x)
     return x
 
 

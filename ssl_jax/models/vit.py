@@ -302,7 +302,9 @@ class VisionTransformer(nn.Module):
     return out
 
 
-_SIZES = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12)}
+# (embed_dim, depth, num_heads) of timm's vit_{tiny,small,base,large}_patch16_224.
+_SIZES = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12),
+          "vit_large": (1024, 24, 16)}
 
 
 def _vit(size: str, patch_size: int = 16, **kwargs) -> VisionTransformer:
@@ -314,3 +316,4 @@ def _vit(size: str, patch_size: int = 16, **kwargs) -> VisionTransformer:
 vit_tiny = functools.partial(_vit, "vit_tiny")
 vit_small = functools.partial(_vit, "vit_small")
 vit_base = functools.partial(_vit, "vit_base")
+vit_large = functools.partial(_vit, "vit_large")

@@ -17,27 +17,34 @@ import jax.numpy as jnp
 
 
 def _cell_counts(masks: jax.Array, grid_size: int, num_ids: int) -> jax.Array:
-  """masks: [B, H, W] int -> [B, g*g, num_ids] int32 pixel counts of each id in each grid cell."""
+  """masks: [B, H, W] int -> [B, g*g, num_ids] int32 pixel counts of each id in each grid cell.
+
+  One scatter-add per example (`vmap`): the batch axis stays a batch axis of the scatter, so
+  under data parallelism every device counts its own examples and no collective is needed. (A
+  single `segment_sum` over the flattened global batch makes every device build the global
+  counts, which XLA then all-reduces: ~200 MB per step at batch 4096.)
+  """
   if masks.ndim != 3:
     raise ValueError(f"masks must be [B, H, W], got shape {masks.shape}")
-  b, h, w = masks.shape
+  _, h, w = masks.shape
   if grid_size <= 0 or h % grid_size or w % grid_size:
     raise ValueError(f"mask size {h}x{w} is not divisible by the feature grid size {grid_size};"
                      " resize the masks (nearest) to a multiple of the grid size")
   g = grid_size
   ch, cw = h // g, w // g
-  rows = jnp.arange(h) // ch
-  cols = jnp.arange(w) // cw
-  cell = (rows[:, None] * g + cols[None, :])[None]                    # [1, H, W]
-  batch = jnp.arange(b)[:, None, None]                                  # [B, 1, 1]
-  ids = masks.astype(jnp.int32)
-  valid = (ids >= 0) & (ids < num_ids)
-  num_segments = b * g * g * num_ids
-  # Ignored pixels go to one extra trailing segment that is dropped afterwards.
-  segment = jnp.where(valid, (batch * (g * g) + cell) * num_ids + ids, num_segments)
-  counts = jax.ops.segment_sum(jnp.ones(segment.size, jnp.int32), segment.reshape(-1),
-                               num_segments=num_segments + 1)
-  return counts[:num_segments].reshape(b, g * g, num_ids)
+  cell = (jnp.arange(h) // ch)[:, None] * g + (jnp.arange(w) // cw)[None, :]   # [H, W]
+  num_segments = g * g * num_ids
+
+  def one(mask):  # [H, W] -> [g*g, num_ids]
+    ids = mask.astype(jnp.int32)
+    valid = (ids >= 0) & (ids < num_ids)
+    # Ignored pixels go to one extra trailing segment that is dropped afterwards.
+    segment = jnp.where(valid, cell * num_ids + ids, num_segments)
+    counts = jax.ops.segment_sum(jnp.ones(segment.size, jnp.int32), segment.reshape(-1),
+                                 num_segments=num_segments + 1)
+    return counts[:num_segments].reshape(g * g, num_ids)
+
+  return jax.vmap(one)(masks)
 
 
 def masks_to_grid(masks: jax.Array, grid_size: int, num_ids: int) -> jax.Array:
@@ -76,15 +83,26 @@ def masks_to_grid_soft(masks: jax.Array, grid_size: int, num_ids: int) -> jax.Ar
   return counts.astype(jnp.float32) / area
 
 
-def _present(grid_ids: jax.Array, num_ids: int) -> jax.Array:
-  """grid_ids: [B, G] int -> [B, num_ids] bool, whether each id occurs in the grid."""
+def present_ids(grid_ids: jax.Array, num_ids: int) -> jax.Array:
+  """grid_ids: [B, G] (or [B, g, g]) int -> [B, num_ids] bool, whether each id wins a grid cell
+  (the ids hard pooling can sample)."""
   grid_ids = grid_ids.reshape(grid_ids.shape[0], -1)
   return jnp.any(grid_ids[:, :, None] == jnp.arange(num_ids)[None, None, :], axis=1)
 
 
-def _sample_present(rng: jax.Array, present: jax.Array, num_samples: int) -> jax.Array:
-  # Official DetCon: categorical over log(present), i.e. uniform with replacement over the
-  # present ids. An example with no id gets −1s (the loss gives them weight 0).
+def present_ids_soft(weights: jax.Array) -> jax.Array:
+  """weights: [B, G, num_ids] from `masks_to_grid_soft` -> [B, num_ids] bool, whether each id has
+  a positive soft weight in some cell (the ids soft pooling can sample: an id that covers part of
+  a cell without winning it still pools to a non-zero vector)."""
+  return jnp.any(weights > 0, axis=1)
+
+
+def sample_present_ids(rng: jax.Array, present: jax.Array, num_samples: int) -> jax.Array:
+  """present: [B, num_ids] bool -> [B, R] int32 ids drawn uniformly with replacement among the
+  present ids of each example; all −1 for an example with none.
+
+  Official DetCon: categorical over log(present), i.e. uniform over the present ids.
+  """
   logits = jnp.where(present, 0.0, -jnp.inf)
   samples = jax.random.categorical(rng, logits, axis=-1,
                                    shape=(num_samples, present.shape[0])).T
@@ -104,7 +122,7 @@ def sample_mask_ids(rng: jax.Array, grid_ids: jax.Array, num_ids: int,
   Returns:
     [B, R] int32; all −1 for an example with no id present.
   """
-  return _sample_present(rng, _present(grid_ids, num_ids), num_samples)
+  return sample_present_ids(rng, present_ids(grid_ids, num_ids), num_samples)
 
 
 def sample_shared_mask_ids(rng: jax.Array, grid_ids1: jax.Array, grid_ids2: jax.Array,
@@ -122,8 +140,8 @@ def sample_shared_mask_ids(rng: jax.Array, grid_ids1: jax.Array, grid_ids2: jax.
   Returns:
     [B, R] int32 ids used for both views.
   """
-  present = _present(grid_ids1, num_ids) & _present(grid_ids2, num_ids)
-  return _sample_present(rng, present, num_samples)
+  present = present_ids(grid_ids1, num_ids) & present_ids(grid_ids2, num_ids)
+  return sample_present_ids(rng, present, num_samples)
 
 
 def _pool(features: jax.Array, weights: jax.Array) -> jax.Array:

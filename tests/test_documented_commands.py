@@ -134,3 +134,18 @@ def test_finetune_documented_models_load_with_their_recipe(monkeypatch):
     for model in models:
       config = parse([f"--config=configs/finetune.py:{recipe},model={model}", "--workdir=..."])
       supervised.validate(config, num_devices=1)
+
+
+def test_readme_evaluate_commands_parse_and_validate(monkeypatch):
+  """The README's "Evaluate" block: each `python -m ssl_jax.evaluate` command parses and
+  validates as the CLI would run it."""
+  monkeypatch.chdir(ROOT)
+  with open(os.path.join(ROOT, "README.md")) as f:
+    readme = f.read()
+  section = readme.split("\n## Evaluate\n", 1)[1].split("\n## ", 1)[0]
+  commands = documented_commands(section)
+  assert len(commands) >= 5, commands
+  for args in commands:
+    config = parse(args)
+    _assert_landed(config, args)
+    supervised.validate(config, num_devices=1)

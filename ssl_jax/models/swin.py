@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssl_jax.models.vit import DropPath
+from ssl_jax.models.vit import DropPath, Mlp
 
 LN_EPSILON = 1e-5
 MASK_VALUE = -100.0  # timm/Microsoft fill value of the shifted-window mask (not -inf)
@@ -186,19 +186,6 @@ class WindowAttention(nn.Module):
     return dense(c, name="proj")(out)
 
 
-class Mlp(nn.Module):
-  """timm Mlp: fc1 → exact-erf GELU → fc2, Dense weights normal(0.02)."""
-  hidden_dim: int
-  dtype: Any
-
-  @nn.compact
-  def __call__(self, x):
-    dense = functools.partial(nn.Dense, kernel_init=dense_init, dtype=self.dtype,
-                              param_dtype=jnp.float32)
-    y = nn.gelu(dense(self.hidden_dim, name="fc1")(x), approximate=False)  # torch's exact GELU
-    return dense(x.shape[-1], name="fc2")(y)
-
-
 class SwinBlock(nn.Module):
   """x + attn(norm1(x)) over (shifted) windows; x + mlp(norm2(x)). timm `SwinTransformerBlock`."""
   num_heads: int
@@ -227,7 +214,8 @@ class SwinBlock(nn.Module):
     if shifted:
       y = jnp.roll(y, self.shift, axis=(1, 2))
     x = x + drop(y, train=train)
-    y = Mlp(int(c * self.mlp_ratio), self.dtype, name="mlp")(norm(name="norm2")(x))
+    y = Mlp(int(c * self.mlp_ratio), c, self.dtype, kernel_init=dense_init,
+            name="mlp")(norm(name="norm2")(x))
     return x + drop(y, train=train)
 
 

@@ -26,7 +26,7 @@ projection xavier-uniform on its [p·p·3, D] view, CLS token normal(0.02).
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -130,14 +130,16 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-  """timm Mlp: fc1 → exact-erf GELU → fc2."""
+  """timm Mlp: fc1 → exact-erf GELU → fc2 (x [..., D] → [..., out_dim]); weights xavier-uniform
+  as MAE / MoCo v3 initialise them, `kernel_init` for others (Swin: normal(0.02))."""
   hidden_dim: int
   out_dim: int
   dtype: Any
+  kernel_init: Callable = dense_init
 
   @nn.compact
   def __call__(self, x):
-    dense = functools.partial(nn.Dense, kernel_init=dense_init, dtype=self.dtype,
+    dense = functools.partial(nn.Dense, kernel_init=self.kernel_init, dtype=self.dtype,
                               param_dtype=jnp.float32)
     x = nn.gelu(dense(self.hidden_dim, name="fc1")(x), approximate=False)  # torch's exact GELU
     return dense(self.out_dim, name="fc2")(x)

@@ -20,45 +20,7 @@ choice; an image folder `root/<wnid>/<image>.JPEG` of the 100 classes of Tian et
 """
 from ssl_jax import config_lib
 
-AUGMENTATIONS = ("light", "medium", "strong")
-
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, ("demo", "test", "in100", "epochs", "n", "m", "aug"))
-  in100 = bool(args.get("in100"))
-  epochs = args.get("epochs", 200 if in100 else 300)
-  aug = args.get("aug", "light")
-  if aug not in AUGMENTATIONS:
-    raise config_lib.ConfigError(f"config variant aug={aug!r} must be one of {AUGMENTATIONS}")
-  c = config_lib.base_config()
-  c.method = "masked_byol"
-  c.method_args = config_lib.ConfigDict({
-      "num_chunks": 8, "target_chunks": 1, "head_norm": "ln", "cross_attention_blocks": 0,
-      "projector_hidden": 4096, "predictor_hidden": 4096, "projector_dim": 256,
-      "momentum": 0.99, "freeze_patch_embed": False})
-  c.model = config_lib.ConfigDict({"name": "vit_base", "patch_size": 16, "pos_embed": "sincos"})
-  config_lib.imagenet_data(c)
-  c.data.image_size = 224
-  c.data.views = f"masked_{aug}"
-  c.optim.name = "adamw"
-  c.optim.base_lr = 1.5e-4
-  c.optim.weight_decay = 0.1
-  c.optim.b1, c.optim.b2 = 0.9, 0.95
-  c.optim.warmup_epochs = 40.0 if epochs >= 800 else 20.0
-  c.optim.exclude_from_decay = "none"  # as Masked MoCo-v3 (MoCo v3's AdamW)
-  c.train.batch_size = 4096
-  c.train.num_epochs = float(epochs)
-  if in100:
-    c.model = config_lib.ConfigDict({"name": "vit_small", "patch_size": 16, "num_heads": 12,
-                                     "pos_embed": "sincos"})
-    c.data.source = "image_folder"
-    c.data.source_args = config_lib.ConfigDict({"root": ""})
-    c.train.batch_size = 1024
-  config_lib.apply_size_variant(c, args, vit=True)
-  if args.get("demo") or args.get("test"):
-    c.model.pos_embed = "sincos"
-    if args.get("test"):
-      c.method_args.num_chunks = 4  # 16 patches at 32 px with patch 8
-  c.method_args.num_chunks = int(args.get("n", c.method_args.num_chunks))
-  c.method_args.target_chunks = int(args.get("m", c.method_args.target_chunks))
-  return c
+  return config_lib.masked_siamese_config(
+      "masked_byol", config_lib.parse_arg(arg, config_lib.MASKED_VARIANTS))

@@ -384,3 +384,51 @@ def detcon_config(method: str, args: dict[str, Any]) -> ConfigDict:
     c.data.max_segments = 16
     c.method_args.num_samples = 8 if demo else 4
   return c
+
+
+MASKED_VARIANTS = ("demo", "test", "in100", "epochs", "n", "m", "aug")
+MASKED_AUGMENTATIONS = ("light", "medium", "strong")
+
+
+def masked_siamese_config(method: str, args: dict[str, Any]) -> ConfigDict:
+  """configs/masked_mocov3.py and masked_byol.py: one recipe (the paper's Masked MoCo-v3 one),
+  InfoNCE (τ 0.2) or BYOL's loss."""
+  in100 = bool(args.get("in100"))
+  epochs = args.get("epochs", 200 if in100 else 300)
+  aug = args.get("aug", "light")
+  if aug not in MASKED_AUGMENTATIONS:
+    raise ConfigError(f"config variant aug={aug!r} must be one of {MASKED_AUGMENTATIONS}")
+  c = base_config()
+  c.method = method
+  c.method_args = ConfigDict({
+      "num_chunks": 8, "target_chunks": 1, "head_norm": "ln", "cross_attention_blocks": 0,
+      "projector_hidden": 4096, "predictor_hidden": 4096, "projector_dim": 256,
+      "momentum": 0.99, "freeze_patch_embed": False})
+  if method == "masked_mocov3":
+    c.method_args.temperature = 0.2
+  c.model = ConfigDict({"name": "vit_base", "patch_size": 16, "pos_embed": "sincos"})
+  imagenet_data(c)
+  c.data.image_size = 224
+  c.data.views = f"masked_{aug}"
+  c.optim.name = "adamw"
+  c.optim.base_lr = 1.5e-4
+  c.optim.weight_decay = 0.1
+  c.optim.b1, c.optim.b2 = 0.9, 0.95
+  c.optim.warmup_epochs = 40.0 if epochs >= 800 else 20.0
+  c.optim.exclude_from_decay = "none"  # MoCo v3's AdamW decays every parameter
+  c.train.batch_size = 4096
+  c.train.num_epochs = float(epochs)
+  if in100:
+    c.model = ConfigDict({"name": "vit_small", "patch_size": 16, "num_heads": 12,
+                          "pos_embed": "sincos"})
+    c.data.source = "image_folder"
+    c.data.source_args = ConfigDict({"root": ""})
+    c.train.batch_size = 1024
+  apply_size_variant(c, args, vit=True)
+  if args.get("demo") or args.get("test"):
+    c.model.pos_embed = "sincos"
+    if args.get("test"):
+      c.method_args.num_chunks = 4  # 16 patches at 32 px with patch 8
+  c.method_args.num_chunks = int(args.get("n", c.method_args.num_chunks))
+  c.method_args.target_chunks = int(args.get("m", c.method_args.target_chunks))
+  return c

@@ -5,11 +5,15 @@ import functools
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssl_jax import checkpoint, parallel, train, weights
+from ssl_jax import checkpoint, losses, parallel, train, weights
+from ssl_jax.methods import base
 from ssl_jax.metrics import read_metrics
+from ssl_jax.models import heads
+from ssl_jax.ops import mask_pooling
 from tests.helpers import BlockSource, load_config
 
 METHODS = ["simclr", "byol", "mocov2", "mocov3", "detcon_b", "detcon_s"]
@@ -23,52 +27,218 @@ def _config(name, **train_overrides):
   return config
 
 
-# Learning rates that move a tiny model visibly in a few steps (the papers' rates, scaled by
+# Learning rates that move a tiny model visibly in one step (the papers' rates, scaled by
 # batch 16 / 256, barely move it: LARS changes each weight by ~lr * 1e-3 of its norm per step).
 FIT_LR = {"lars": 2.0, "sgd": 0.05, "adamw": 2e-3}
+# The EMA / momentum coefficient at step 0 in these tests: far from 0, 1/2 and 1, so a missing,
+# swapped or copied update is visible.
+TAU = 0.75
+# Methods whose official ResNet zeroes the last BN γ of each residual block.
+ZERO_INIT = {"simclr", "byol", "detcon_b", "detcon_s"}
+
+
+def _deterministic_views(rng, images, recipe_name, *, normalize=True):
+  """`base.augmented_views` without the random colour ops (the loss is then a function of the
+  parameters and the batch alone, and the test can rebuild it)."""
+  del rng, recipe_name
+  x = images.astype(jnp.float32) / 255.0
+  return base.normalized_views(x) if normalize else x
 
 
 @functools.lru_cache(maxsize=None)
 def _fixed_batch(name):
-  # One device: per-method fitting is about the method; sharding has its own test below.
+  # One device: the method's definition is checked here; sharding has its own tests below.
   config = _config(name, total_steps=100)
   with config.unlocked():
     config.optim.lr_rule = "none"
     config.optim.base_lr = FIT_LR[config.optim.name]
+    for field in ("ema_base", "momentum"):
+      if field in config.method_args:
+        config.method_args[field] = TAU
   setup = train.build(config, mesh=parallel.make_mesh(jax.devices()[:1]), source=BlockSource())
   return setup, next(train.make_data_iterator(setup))
 
 
+def _mlp(config, role):
+  """The head `role` of `config.method` as its official code builds it (tests/test_heads.py
+  checks the layer lists), written here independently of the method files."""
+  a = config.method_args
+  hidden = a.projector_hidden if role == "projector" else a.get("predictor_hidden")
+  if config.method in ("simclr", "detcon_s"):
+    return heads.MLP(hidden, a.projector_dim, 2, norm="bn", last_norm="bn_scale",
+                     use_bias=False)
+  if config.method in ("byol", "detcon_b"):
+    return heads.MLP(hidden, a.projector_dim, 2, norm="bn", output_bias=False)
+  if config.method == "mocov2":
+    return heads.MLP(hidden, a.projector_dim, 2, norm="none")
+  return heads.MLP(hidden, a.projector_dim, 3 if role == "projector" else 2, norm="bn",
+                   last_norm="bn_noaffine", use_bias=False)
+
+
+def _apply(module, params, stats, x):
+  """Train-mode forward (batch statistics), as every method runs its networks."""
+  variables = {"params": params, **({"batch_stats": stats} if stats else {})}
+  return module.apply(variables, x, train=True, mutable=["batch_stats"])[0]
+
+
+def _np_grid(masks, g):
+  """Official DetCon grid: one-hot at full resolution, average pool to g x g, argmax."""
+  b, h, w = masks.shape
+  ids = np.unique(masks[masks >= 0])
+  onehot = (masks[..., None] == ids).reshape(b, g, h // g, g, w // g, len(ids)).mean((2, 4))
+  return np.where(onehot.max(-1) > 0, ids[onehot.argmax(-1)], -1).reshape(b, g * g)
+
+
+def _np_mask_pool(fmap, grid, sample):
+  """Mean feature over the cells of each sampled id ([B, R, C]; zero where it has none)."""
+  b, h, w, c = fmap.shape
+  flat = np.asarray(fmap, np.float64).reshape(b, h * w, c)
+  out = np.zeros(sample.shape + (c,))
+  for i in range(b):
+    for r, m in enumerate(sample[i]):
+      cells = grid[i] == m
+      if m >= 0 and cells.any():
+        out[i, r] = flat[i, cells].mean(0)
+  return out
+
+
+def _reference_loss(setup, params, state, batch, sampled):
+  """The method's loss rebuilt from its networks' outputs with `losses.*` (deterministic views):
+  which outputs are compared with which, through which heads, with which negatives."""
+  config, a = setup.config, setup.config.method_args
+  backbone, name = setup.method.backbone, setup.config.method
+  x = np.asarray(batch["image"], np.float32) / 255.0
+  x = np.asarray(base.normalized_views(jnp.asarray(x)))
+  stats = state["batch_stats"]
+  target = state.get("target", {})
+  projector, predictor = _mlp(config, "projector"), _mlp(config, "predictor")
+
+  def project(p, s, images, key="pooled", pool=None):
+    out = _apply(backbone, p["backbone"], s.get("backbone"), images)
+    h = out[key] if pool is None else pool(out[key])
+    return _apply(projector, p["projector"], s.get("projector"), h)
+
+  def predict(z):
+    return _apply(predictor, params["predictor"], stats.get("predictor"), z)
+
+  views = [x[:, 0], x[:, 1]]
+  if name == "simclr":  # both views in one batch of 2B (v1 concatenates them)
+    z = project(params, stats, np.concatenate(views))
+    b = x.shape[0]
+    return 2.0 * losses.nt_xent(z[:b], z[b:], a.temperature)
+  if name == "byol":
+    p = [predict(project(params, stats, v)) for v in views]
+    z = [project(target["params"], target["batch_stats"], v) for v in views]
+    return losses.byol_loss(p[0], z[1]) + losses.byol_loss(p[1], z[0])
+  if name == "mocov2":
+    q = project(params, stats, views[0])
+    k = project(target["params"], target["batch_stats"], views[1])
+    return losses.info_nce(q, k, a.temperature, negatives=state["queue"])
+  if name == "mocov3":
+    q = [predict(project(params, stats, v)) for v in views]
+    k = [project(target["params"], target["batch_stats"], v) for v in views]
+    return 2 * a.temperature * (losses.info_nce(q[0], k[1], a.temperature)
+                                + losses.info_nce(q[1], k[0], a.temperature))
+  # DetCon: ROIs = the sampled ids of each view (captured from the method), pooled over the
+  # cells they win on the feature grid, through projector (and predictor) row by row.
+  masks = np.asarray(batch["masks"]).astype(np.int32)
+  ids = [np.asarray(sampled[v]) for v in range(2)]
+
+  def rois(p, s, v):
+    def pool(fmap):
+      g = fmap.shape[1]
+      pooled = _np_mask_pool(fmap, _np_grid(masks[:, v], g), ids[v])
+      return jnp.asarray(pooled.reshape(-1, pooled.shape[-1]), jnp.float32)
+    return project(p, s, views[v], key="feature_map", pool=pool).reshape(ids[v].shape + (-1,))
+
+  z = [rois(params, stats, v) for v in range(2)]
+  if name == "detcon_s":  # the online projections are predictions and targets
+    preds, targets = z, z
+  else:
+    preds = [predict(zv.reshape(-1, zv.shape[-1])).reshape(zv.shape) for zv in z]
+    targets = [rois(target["params"], target["batch_stats"], v) for v in range(2)]
+  return losses.detcon_loss(preds[0], preds[1], targets[0], targets[1], ids[0], ids[1], ids[0],
+                            ids[1], temperature=a.temperature)
+
+
 @pytest.mark.parametrize("name", METHODS)
-def test_method_fits_a_fixed_batch(name):
-  """Steps on one fixed batch: finite losses, and the loss at a fixed key (same augmentations,
-  same sampled masks) is lower after training than at init."""
+def test_method_step_is_its_definition(name, monkeypatch):
+  """Per method, on one fixed batch with deterministic views:
+  - the loss equals the loss rebuilt from the networks' outputs with `losses.*` (right positives,
+    heads, predictor, negatives);
+  - no gradient reaches the target network (stop-gradient), the online one gets some;
+  - one optimizer step: target = τ·old target + (1 − τ)·new online on backbone and projector
+    (τ = τ_base at step 0), MoCo v2's queue rows [ptr, ptr + B) hold the L2-normalised keys
+    and ptr advanced by B (the rest untouched), the step's loss is the same loss;
+  - the ResNet starts with the last BN γ of each block at 0 where the official code does."""
+  monkeypatch.setattr(base, "augmented_views", _deterministic_views)
+  sampled = []
+  if name.startswith("detcon"):
+    pool = mask_pooling.mask_pool
+
+    def spy(features, grid_ids, sample_ids):
+      jax.debug.callback(lambda s: sampled.append(np.asarray(s)), sample_ids, ordered=True)
+      return pool(features, grid_ids, sample_ids)
+    monkeypatch.setattr(mask_pooling, "mask_pool", spy)
   setup, local = _fixed_batch(name)
-  batch = setup.device_batch(local)
+  method, batch = setup.method, setup.device_batch(local)
   ts = setup.init_state(batch)
-  queue = ts["state"].get("queue")
-  key, step0 = jax.random.PRNGKey(123), jax.numpy.int32(0)
-  fixed_loss = jax.jit(lambda p, s: setup.method.loss_and_aux(p, s, batch, key, step0)[0])
-  before = float(fixed_loss(ts["params"], ts["state"]))
-  losses = []
-  for _ in range(12):
-    if queue is not None:
-      # MoCo v2: on a fixed batch the queue fills with keys of these very images (negatives
-      # that are copies of the positives), so the loss rises by construction; fitting is
-      # checked against the fixed initial queue.
-      ts["state"]["queue"] = queue.copy()
-    ts, metrics = setup.step(ts, batch)
-    assert bool(metrics["finite"]), name
-    losses.append(float(metrics["loss"]))
-  if queue is not None:
-    ts["state"]["queue"] = queue.copy()
-  after = float(fixed_loss(ts["params"], ts["state"]))
-  assert np.all(np.isfinite(losses)) and np.isfinite(before)
-  assert after < before, (name, before, after, losses)
-  assert int(ts["step"]) == 12
-  feats = setup.method.encode(ts["params"], ts["state"], np.asarray(local["image"][:, 0]))
-  assert feats.ndim == 2 and feats.shape[0] == local["image"].shape[0]
-  assert np.all(np.isfinite(feats))
+  if setup.config.model.name.startswith("resnet"):  # :test ResNets have basic blocks
+    for block in ("layer1_0", "layer4_1"):
+      bn = ts["params"]["backbone"][block]
+      assert np.all(np.asarray(bn["bn2"]["scale"]) == (0.0 if name in ZERO_INIT else 1.0))
+      assert np.all(np.asarray(bn["bn1"]["scale"]) == 1.0)
+  has_target = "target" in ts["state"]
+  if has_target:  # a target that differs from the online network, so the EMA is visible
+    target = ts["state"]["target"]
+    target = {**target, "params": jax.tree.map(lambda t: t * 1.5 + 0.01, target["params"])}
+    ts["state"] = {**ts["state"], "target": target}
+  before = jax.device_get(ts)
+  key = jax.random.fold_in(jax.random.PRNGKey(setup.config.train.seed), 0)  # the step's key
+
+  def loss_fn(params, target_params, state):
+    if target_params is not None:
+      state = {**state, "target": {**state["target"], "params": target_params}}
+    return method.loss_and_aux(params, state, batch, key, jnp.int32(0))
+
+  grad_fn = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))
+  target_params = ts["state"]["target"]["params"] if has_target else None
+  sampled.clear()  # init traced the pooling too
+  (loss, _), (g_online, g_target) = grad_fn(ts["params"], target_params, ts["state"])
+  jax.effects_barrier()
+  want = _reference_loss(setup, before["params"], before["state"], local, sampled)
+  np.testing.assert_allclose(float(loss), float(want), rtol=2e-4, atol=1e-5)
+  assert any(np.any(g != 0) for g in jax.tree.leaves(g_online))
+  if has_target:
+    assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(g_target)), name
+
+  ts, metrics = setup.step(ts, batch)
+  assert bool(metrics["finite"]) and int(ts["step"]) == 1
+  np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-5)
+  after = jax.device_get(ts)
+  if has_target:
+    for key_ in ("backbone", "projector"):
+      jax.tree.map(
+          lambda new, old, online: np.testing.assert_allclose(
+              new, TAU * np.float64(old) + (1 - TAU) * np.float64(online), rtol=1e-5,
+              atol=1e-6),
+          after["state"]["target"]["params"][key_], before["state"]["target"]["params"][key_],
+          after["params"][key_])
+    assert "predictor" not in after["state"]["target"]["params"]
+  if name == "mocov2":
+    b = local["image"].shape[0]
+    x = base.normalized(jnp.asarray(local["image"][:, 1]))
+    t = before["state"]["target"]
+    keys = _apply(setup.method.backbone, t["params"]["backbone"], t["batch_stats"]["backbone"], x)
+    keys = _apply(_mlp(setup.config, "projector"), t["params"]["projector"], {},
+                  keys["pooled"])
+    queue0, queue1 = before["state"]["queue"], after["state"]["queue"]
+    assert int(before["state"]["queue_ptr"]) == 0 and int(after["state"]["queue_ptr"]) == b
+    np.testing.assert_allclose(queue1[:b], keys / np.linalg.norm(keys, axis=1, keepdims=True),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(queue1[b:], queue0[b:])
+  feats = method.encode(ts["params"], ts["state"], np.asarray(local["image"][:, 0]))
+  assert feats.shape[0] == local["image"].shape[0] and np.all(np.isfinite(feats))
 
 
 @pytest.mark.parametrize("fsdp", [False, True])

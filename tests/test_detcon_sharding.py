@@ -45,6 +45,11 @@ def _run():
   batch = setup.device_batch(local)
   assert len(batch["image"].sharding.device_set) == NUM_DEVICES
   ts = setup.init_state(batch)
+  # A target network that differs from the online one (at init it is a copy, whose projections
+  # equal the online ones), so that online projections passed as targets would show.
+  target = ts["state"]["target"]
+  target = {**target, "params": jax.tree.map(lambda t: t * 1.5 + 0.01, target["params"])}
+  ts = {**ts, "state": {**ts["state"], "target": target}}
   calls = []
   original_views, original_loss = base.augmented_views, losses.detcon_loss
 

@@ -193,6 +193,9 @@ def test_method_step_is_its_definition(name, monkeypatch):
     target = ts["state"]["target"]
     target = {**target, "params": jax.tree.map(lambda t: t * 1.5 + 0.01, target["params"])}
     ts["state"] = {**ts["state"], "target": target}
+  b = local["image"].shape[0]
+  if "queue_ptr" in ts["state"]:  # write in the middle of the queue, not at row 0
+    ts["state"] = {**ts["state"], "queue_ptr": ts["state"]["queue_ptr"] + b}
   before = jax.device_get(ts)
   key = jax.random.fold_in(jax.random.PRNGKey(setup.config.train.seed), 0)  # the step's key
 
@@ -226,17 +229,17 @@ def test_method_step_is_its_definition(name, monkeypatch):
           after["params"][key_])
     assert "predictor" not in after["state"]["target"]["params"]
   if name == "mocov2":
-    b = local["image"].shape[0]
     x = base.normalized(jnp.asarray(local["image"][:, 1]))
     t = before["state"]["target"]
     keys = _apply(setup.method.backbone, t["params"]["backbone"], t["batch_stats"]["backbone"], x)
     keys = _apply(_mlp(setup.config, "projector"), t["params"]["projector"], {},
                   keys["pooled"])
     queue0, queue1 = before["state"]["queue"], after["state"]["queue"]
-    assert int(before["state"]["queue_ptr"]) == 0 and int(after["state"]["queue_ptr"]) == b
-    np.testing.assert_allclose(queue1[:b], keys / np.linalg.norm(keys, axis=1, keepdims=True),
+    assert int(before["state"]["queue_ptr"]) == b and int(after["state"]["queue_ptr"]) == 2 * b
+    np.testing.assert_allclose(queue1[b:2 * b], keys / np.linalg.norm(keys, axis=1, keepdims=True),
                                rtol=1e-4, atol=1e-5)
-    np.testing.assert_array_equal(queue1[b:], queue0[b:])
+    np.testing.assert_array_equal(queue1[:b], queue0[:b])
+    np.testing.assert_array_equal(queue1[2 * b:], queue0[2 * b:])
   feats = method.encode(ts["params"], ts["state"], np.asarray(local["image"][:, 0]))
   assert feats.shape[0] == local["image"].shape[0] and np.all(np.isfinite(feats))
 

@@ -61,19 +61,24 @@ def test_info_nce_queue(n, m):
   np.testing.assert_allclose(float(got), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("n,tau", [(5, 0.5), (2, 0.1), (1, 1.0)])
-def test_nt_xent(n, tau):
-  z1, z2 = rand((n, 6), 6), rand((n, 6), 7)
-  z = [np_normalize(v) for v in np.concatenate([z1, z2])]  # 2N anchors; partner of i is i±N
+def np_nt_xent(z1, z2, tau):
+  """SimCLR's NT-Xent written out: 2N anchors, partner of i is i±N, self excluded."""
+  n = len(z1)
+  z = [np_normalize(v) for v in np.concatenate([z1, z2])]
   total = 0.0
   for i in range(2 * n):
     partner = (i + n) % (2 * n)
-    others = [j for j in range(2 * n) if j != i]  # self excluded: 2N-1 candidates, 2N-2 negatives
+    others = [j for j in range(2 * n) if j != i]  # 2N-1 candidates, 2N-2 negatives
     logits = [z[i] @ z[j] / tau for j in others]
     total += np_logsumexp(logits) - z[i] @ z[partner] / tau
-  want = total / (2 * n)
+  return total / (2 * n)
+
+
+@pytest.mark.parametrize("n,tau", [(5, 0.5), (2, 0.1), (1, 1.0)])
+def test_nt_xent(n, tau):
+  z1, z2 = rand((n, 6), 6), rand((n, 6), 7)
   got = losses.nt_xent(jnp.asarray(z1), jnp.asarray(z2), tau)
-  np.testing.assert_allclose(float(got), want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(float(got), np_nt_xent(z1, z2, tau), rtol=1e-5, atol=1e-5)
 
 
 def test_byol_loss():
@@ -183,40 +188,28 @@ def _mesh():
   return jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def test_losses_sharded_equal_unsharded():
+def test_batch_sharded_losses_use_the_global_batch_as_negatives():
+  """Inputs split over 8 devices: each loss equals its NumPy reference on the whole batch (the
+  negatives cross devices), which differs from an average of per-device losses."""
   mesh = _mesh()
-  shard = NamedSharding(mesh, P("data"))
-  put = lambda x: jax.device_put(jnp.asarray(x), shard)  # noqa: E731
+  put = lambda x: jax.device_put(jnp.asarray(x), NamedSharding(mesh, P("data")))  # noqa: E731
   b, r, d = 16, 2, 8
   rng = np.random.default_rng(0)
   p1, p2, t1, t2 = (rand((b, r, d), s) for s in range(30, 34))
   i1, i2 = rng.integers(0, 3, (b, r)), rng.integers(0, 3, (b, r))
   dargs = (p1, p2, t1, t2, i1, i2, i1, i2)
-  q, k, neg = rand((b, d), 40), rand((b, d), 41), rand((12, d), 42)
-
-  ref = {
-      "detcon": losses.detcon_loss(*(jnp.asarray(a) for a in dargs)),
-      "info_nce": losses.info_nce(jnp.asarray(q), jnp.asarray(k), 0.2),
-      "info_nce_queue": losses.info_nce(jnp.asarray(q), jnp.asarray(k), 0.2, jnp.asarray(neg)),
-      "nt_xent": losses.nt_xent(jnp.asarray(q), jnp.asarray(k), 0.5),
-      "byol": losses.byol_loss(jnp.asarray(q), jnp.asarray(k)),
-  }
+  q, k = rand((b, d), 40), rand((b, d), 41)
   sd = [put(a) for a in dargs]
   assert len(sd[0].sharding.device_set) == 8
-  got = {
-      "detcon": jax.jit(losses.detcon_loss)(*sd),
-      "info_nce": jax.jit(losses.info_nce, static_argnums=2)(put(q), put(k), 0.2),
-      "info_nce_queue": jax.jit(losses.info_nce, static_argnums=2)(
-          put(q), put(k), 0.2, jax.device_put(jnp.asarray(neg), NamedSharding(mesh, P()))),
-      "nt_xent": jax.jit(losses.nt_xent, static_argnums=2)(put(q), put(k), 0.5),
-      "byol": jax.jit(losses.byol_loss)(put(q), put(k)),
+  cases = {
+      "detcon": (float(jax.jit(losses.detcon_loss)(*sd)), np_detcon(*dargs, tau=0.1),
+                 lambda sl: np_detcon(*(a[sl] for a in dargs), tau=0.1)),
+      "nt_xent": (float(jax.jit(losses.nt_xent, static_argnums=2)(put(q), put(k), 0.5)),
+                  np_nt_xent(q, k, 0.5), lambda sl: np_nt_xent(q[sl], k[sl], 0.5)),
   }
-  for key, value in ref.items():
-    np.testing.assert_allclose(float(got[key]), float(value), rtol=1e-5, atol=1e-6, err_msg=key)
-  # Negatives are the global batch: the sharded value differs from a per-shard average.
-  per_shard = np.mean([float(losses.nt_xent(jnp.asarray(q[i:i + 2]), jnp.asarray(k[i:i + 2]),
-                                            0.5)) for i in range(0, b, 2)])
-  assert abs(per_shard - float(got["nt_xent"])) > 1e-3
-
+  for name, (got, want, local) in cases.items():
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
+    per_device = np.mean([local(slice(i, i + 2)) for i in range(0, b, 2)])
+    assert abs(per_device - got) > 1e-3, name
   grad = jax.jit(jax.grad(losses.detcon_loss))(*sd)
   assert np.all(np.isfinite(np.asarray(grad)))

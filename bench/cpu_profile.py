@@ -61,7 +61,7 @@ class StepBench:
   """
 
   def __init__(self, method: str, model: dict, image_size: int, batch: int,
-               method_args: dict | None = None):
+               method_args: dict | None = None, views: str | None = None):
     from ssl_jax import train  # pylint: disable=import-outside-toplevel
     from ssl_jax.config_lib import ConfigDict  # pylint: disable=import-outside-toplevel
     from tests.helpers import BlockSource, load_config  # pylint: disable=import-outside-toplevel
@@ -75,12 +75,43 @@ class StepBench:
       config.train.total_steps = 1000
       for k, v in (method_args or {}).items():
         config.method_args[k] = v
-    self.setup = setup = train.build(config, source=BlockSource(n=batch, size=image_size))
-    self.batch = setup.device_batch(next(train.make_data_iterator(setup)))
-    self.state = setup.init_state(self.batch)
-    self.lowered = setup.train_step.lower(self.state, self.batch, setup.constants)
+      if views:
+        config.data.views = views
+    self._recipes = self._extra_recipes()
+    with self._recipes:
+      self.setup = setup = train.build(config, source=BlockSource(n=batch, size=image_size))
+      self.batch = setup.device_batch(next(train.make_data_iterator(setup)))
+      self.state = setup.init_state(self.batch)
+      self.lowered = setup.train_step.lower(self.state, self.batch, setup.constants)
     self.flops = None
     self.param_shapes = {tuple(x.shape) for x in jax.tree.leaves(self.state["params"])}
+
+  @staticmethod
+  def _extra_recipes():
+    """`views="crop_flip"`: two views with crop and flip only (no colour on device), a recipe
+    the library has no name for (two-view methods always augment colour); added for the
+    duration of the build and lowering only."""
+    from unittest import mock  # pylint: disable=import-outside-toplevel
+    from ssl_jax.data import views as views_lib  # pylint: disable=import-outside-toplevel
+    return mock.patch.dict(views_lib._RECIPES,  # pylint: disable=protected-access
+                           {"crop_flip": (views_lib.ViewSpec(),) * 2})
+
+  def reference_flops(self) -> float:
+    """XLA's FLOP count of the step with every convolution left to `lax.conv_general_dilated`.
+
+    The model's FLOPs: `ssl_jax.models.conv` runs some convolutions as im2col matmuls, which
+    also multiply the zero padding (a 3x3 conv on a 2x2 map: 9 taps per output instead of 4),
+    so the compiled step's own count is higher than the work the model asks for.
+    """
+    from unittest import mock  # pylint: disable=import-outside-toplevel
+    from ssl_jax.models import conv  # pylint: disable=import-outside-toplevel
+    jax.clear_caches()  # the jitted step's trace cache would return the im2col trace
+    with mock.patch.object(conv, "use_matmul", lambda *_: False), self._extra_recipes():
+      lowered = self.setup.train_step.lower(self.state, self.batch, self.setup.constants)
+    jax.clear_caches()
+    cost = lowered.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"])
 
   def compile(self, options: dict | None = None):
     compiled = self.lowered.compile(compiler_options=dict(options or {}))
@@ -263,6 +294,8 @@ def main():
   parser.add_argument("--model", default="resnet18")
   parser.add_argument("--model_args", default="{}", help='JSON, e.g. {"width": 16}')
   parser.add_argument("--method_args", default="{}", help='JSON, e.g. {"projector_hidden": 512}')
+  parser.add_argument("--views", default=None,
+                      help="views recipe (default: the method's; crop_flip: no colour)")
   parser.add_argument("--image_size", type=int, default=64)
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--steps", type=int, default=3, help="timed steps per variant")
@@ -276,7 +309,8 @@ def main():
   model = {"name": args.model, **json.loads(args.model_args)}
   print(f"{machine_load()}; jax {jax.__version__}, devices {jax.devices()}")
   print(f"{args.method}, {model}, {args.image_size} px, batch {args.batch}")
-  bench = StepBench(args.method, model, args.image_size, args.batch, json.loads(args.method_args))
+  bench = StepBench(args.method, model, args.image_size, args.batch, json.loads(args.method_args),
+                    views=args.views)
   variants = {"default": {}}
   for c in args.compare:
     variants[c] = json.loads(c)

@@ -76,8 +76,13 @@ def conv_as_matmul(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
                     (1, sh, sw, 1))
           for i in range(kh) for j in range(kw)]
   patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
-  return lax.dot_general(patches, kernel.reshape(kh * kw * cin, cout), (((3,), (0,)), ((), ())),
-                         precision=precision, preferred_element_type=preferred_element_type)
+  # A 2-D product: its weight gradient is then a 2-D dot contracting dimension 0 of both
+  # operands, which XLA:CPU runs as is; from the 4-D form XLA first copies the output gradient
+  # into a transposed layout, fused with its producer (bench/README.md, "weight gradients").
+  y = lax.dot_general(patches.reshape(b * ho * wo, kh * kw * cin),
+                      kernel.reshape(kh * kw * cin, cout), (((1,), (0,)), ((), ())),
+                      precision=precision, preferred_element_type=preferred_element_type)
+  return y.reshape(b, ho, wo, cout)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,

@@ -61,7 +61,8 @@ class StepBench:
   """
 
   def __init__(self, method: str, model: dict, image_size: int, batch: int,
-               method_args: dict | None = None, views: str | None = None):
+               method_args: dict | None = None, views: str | None = None,
+               use_matmul: Callable[..., bool] | None = None):
     from ssl_jax import train  # pylint: disable=import-outside-toplevel
     from ssl_jax.config_lib import ConfigDict  # pylint: disable=import-outside-toplevel
     from tests.helpers import BlockSource, load_config  # pylint: disable=import-outside-toplevel
@@ -77,14 +78,25 @@ class StepBench:
         config.method_args[k] = v
       if views:
         config.data.views = views
-    self._recipes = self._extra_recipes()
-    with self._recipes:
+    with self._extra_recipes(), self._conv_policy(use_matmul):
       self.setup = setup = train.build(config, source=BlockSource(n=batch, size=image_size))
       self.batch = setup.device_batch(next(train.make_data_iterator(setup)))
       self.state = setup.init_state(self.batch)
       self.lowered = setup.train_step.lower(self.state, self.batch, setup.constants)
     self.flops = None
     self.param_shapes = {tuple(x.shape) for x in jax.tree.leaves(self.state["params"])}
+
+  @staticmethod
+  def _conv_policy(use_matmul):
+    """Lowers with `use_matmul` in place of `ssl_jax.models.conv.use_matmul` (to time which
+    convolutions should run as matmuls); None keeps the library's."""
+    import contextlib  # pylint: disable=import-outside-toplevel
+    from unittest import mock  # pylint: disable=import-outside-toplevel
+    from ssl_jax.models import conv  # pylint: disable=import-outside-toplevel
+    if use_matmul is None:
+      return contextlib.nullcontext()
+    jax.clear_caches()
+    return mock.patch.object(conv, "use_matmul", use_matmul)
 
   @staticmethod
   def _extra_recipes():

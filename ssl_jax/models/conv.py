@@ -9,12 +9,13 @@ the kernel, reshaped to [kh·kw·Cin, Cout], with the stacked shifted views of t
 - 1×1 kernels: the im2col is just a strided slice, and the product is a plain matmul. XLA:CPU
   runs a 1×1 convolution and its two gradients 2–8× slower than the same matmul
   (bench/README.md, "1×1 convolutions").
-- Kernels larger than the output (kh·kw > Ho·Wo, e.g. a 3×3 conv on ResNet-18's 2×2 last stage
-  at 64 px, or a 16×16 patch embedding with fewer than 256 patches): XLA's algebraic simplifier
-  then swaps the convolution's operands (`SwapConvOperands`), and XLA:CPU has no library call for
-  the swapped form (a window-reversed kernel): it emits naive loops, 0.4–5 GFLOP/s instead of
-  ~150. The forward and the input gradient (whose "input" is the Ho×Wo output gradient) are both
-  hit. As a matmul all three products (forward, input and weight gradient) are GEMMs.
+- Kernels with more taps than the input or the output (kh·kw > H·W or > Ho·Wo, e.g. a 3×3 conv
+  on ResNet-18's 2×2 last stage at 64 px, or a 16×16 patch embedding with fewer than 256
+  patches): XLA's algebraic simplifier then swaps the convolution's operands
+  (`AlgebraicSimplifierVisitor::SwapConvOperands`), and XLA:CPU has no library call for the
+  swapped form (a window-reversed kernel): it emits naive loops, 0.4–5 GFLOP/s instead of ~150.
+  The forward and the input gradient (a convolution whose input is the Ho×Wo output gradient)
+  are both hit. As a matmul all three products (forward, input and weight gradient) are GEMMs.
 
 Every other convolution goes to `lax.conv_general_dilated` unchanged. Autodiff handles the
 rewritten form (pad, strided slices, concatenate, dot), so no gradient is hand-written.
@@ -43,10 +44,14 @@ def _is_nhwc_hwio(dimension_numbers) -> bool:
   return (tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)) == _NHWC
 
 
-def use_matmul(kernel_hw: tuple[int, int], out_hw: tuple[int, int]) -> bool:
-  """True when a convolution with this kernel and output size runs as one matmul (see above)."""
+def use_matmul(kernel_hw: tuple[int, int], in_hw: tuple[int, int],
+               out_hw: tuple[int, int]) -> bool:
+  """True when a convolution with this kernel, input and output size runs as one matmul: a 1×1
+  kernel, or a kernel with more taps than the input (XLA swaps the forward's operands) or than
+  the output (it swaps those of the input gradient, whose input is the output gradient)."""
   kh, kw = kernel_hw
-  return (kh == 1 and kw == 1) or kh * kw > out_hw[0] * out_hw[1]
+  taps = kh * kw
+  return taps == 1 or taps > in_hw[0] * in_hw[1] or taps > out_hw[0] * out_hw[1]
 
 
 def conv_as_matmul(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
@@ -102,7 +107,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     (pt, pb), (pl, pr) = padding
     ho = (lhs.shape[1] + pt + pb - dilation[0] * (kh - 1) - 1) // window_strides[0] + 1
     wo = (lhs.shape[2] + pl + pr - dilation[1] * (kw - 1) - 1) // window_strides[1] + 1
-    if ho >= 1 and wo >= 1 and use_matmul((kh, kw), (ho, wo)):
+    if ho >= 1 and wo >= 1 and use_matmul((kh, kw), lhs.shape[1:3], (ho, wo)):
       return conv_as_matmul(lhs, rhs, window_strides, padding, dilation, precision,
                             preferred_element_type)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,

@@ -218,7 +218,9 @@ def kind_of(name: str, instrs: dict, comps: dict, param_shapes: set) -> str:
   if op == "convolution" or "convolution" in inner:
     if "transpose(" not in info["op_name"]:
       return "conv fwd"
-    return "conv wgrad" if info["dims"] in param_shapes else "conv dgrad"
+    # A weight gradient has the kernel's shape, possibly in another dimension order.
+    dims = tuple(sorted(info["dims"] or ()))
+    return "conv wgrad" if dims in {tuple(sorted(p)) for p in param_shapes} else "conv dgrad"
   if op == "dot" or "dot" in inner:
     return "dot"
   if op == "custom-call":

@@ -62,7 +62,7 @@ class StepBench:
 
   def __init__(self, method: str, model: dict, image_size: int, batch: int,
                method_args: dict | None = None, views: str | None = None,
-               use_matmul: Callable[..., bool] | None = None):
+               use_matmul: Callable[..., bool] | None = None, extra_config: dict | None = None):
     from ssl_jax import train  # pylint: disable=import-outside-toplevel
     from ssl_jax.config_lib import ConfigDict  # pylint: disable=import-outside-toplevel
     from tests.helpers import BlockSource, load_config  # pylint: disable=import-outside-toplevel
@@ -78,6 +78,8 @@ class StepBench:
         config.method_args[k] = v
       if views:
         config.data.views = views
+      for k, v in (extra_config or {}).items():  # top-level fields, e.g. {"dtype": "bfloat16"}
+        config[k] = v
     with self._extra_recipes(), self._conv_policy(use_matmul):
       self.setup = setup = train.build(config, source=BlockSource(n=batch, size=image_size))
       self.batch = setup.device_batch(next(train.make_data_iterator(setup)))

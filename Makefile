@@ -12,11 +12,21 @@ EXPORT_STAMP := $(EXPORT_VENV)/.installed
 
 $(STAMP): setup.py requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	$(PY) -m pip install -qq --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -qq --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Accelerators: the same environment plus JAX's TPU or CUDA 12 extra at the pinned jax
+# (requirements-tpu.txt / requirements-cuda.txt); launch/tpu_pod.sh and launch/gpu_slurm.sh use them.
+.PHONY: install-tpu install-cuda
+$(VENV)/.installed-%: $(STAMP) requirements-%.txt
+	$(PY) -m pip install -qq --disable-pip-version-check -r requirements.txt -r requirements-$*.txt
+	touch $@
+
+install-tpu: $(VENV)/.installed-tpu
+install-cuda: $(VENV)/.installed-cuda
 
 # Fashion-MNIST (Debian package) for the kNN/linear learning checks; tests skip without it.
 data:
@@ -38,8 +48,8 @@ bench: $(STAMP)
 # ~5.5 GB CUDA build on x86_64), so it lives in its own venv beside the main one.
 $(EXPORT_STAMP): setup.py requirements.txt requirements-export.txt
 	test -x $(EXPORT_VENV)/bin/python || $(PYTHON) -m venv $(EXPORT_VENV)
-	$(EXPORT_VENV)/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-export.txt
-	$(EXPORT_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
+	$(EXPORT_VENV)/bin/python -m pip install -qq --disable-pip-version-check -r requirements.txt -r requirements-export.txt
+	$(EXPORT_VENV)/bin/python -m pip install -qq --disable-pip-version-check --no-deps -e .
 	touch $(EXPORT_STAMP)
 
 test-export: $(EXPORT_STAMP)

@@ -14,6 +14,7 @@ INSTALL_REQUIRES = [
     "absl-py==2.5.1",
     "tqdm==4.70.1",
     "safetensors==0.8.0",
+    "gcsfs==2026.10.1",  # gs:// workdirs and data through etils.epath
     "pillow==13.0.0",
     "numpy==2.4.6",
 ]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import sys
 import tempfile
@@ -29,6 +30,7 @@ import jax
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # this checkout's ssl_jax, not another editable install's
 
 from ssl_jax import config_lib, registry, train  # noqa: E402
 from ssl_jax.data import pipeline  # noqa: E402
@@ -43,8 +45,18 @@ BACKBONES = {
             "pos_embed": "sincos", "pool": "mean"},
 }
 METHOD_CONFIGS = {"simclr": "simclr", "byol": "byol", "mocov2": "mocov2", "mocov3": "mocov3",
-                  "detcon_b": "detcon_b", "detcon_s": "detcon_s"}
+                  "detcon_b": "detcon_b", "detcon_s": "detcon_s", "mae": "mae", "ccmim": "ccmim",
+                  "simmim": "simmim", "mimco": "mimco", "maskco": "maskco",
+                  "masked_mocov3": "masked_mocov3", "masked_byol": "masked_byol"}
+# Methods that drop, mask or chunk patch tokens: ViT rows only (32 px, patch 4: 64 patches).
+VIT_ONLY = {"mae", "ccmim", "simmim", "mimco", "masked_mocov3", "masked_byol"}
+# Two-stage methods: the method whose run (same backbone, same bench) is the frozen teacher; it is
+# pretrained first when this bench has not run it yet.
+TEACHERS = {"mimco": "mocov3"}
 SHORT_RUN_LR = {"lars": 1.0, "sgd": 0.1, "adamw": 2e-3}
+# MaskCo reaches the backbone through one masked box per image and the Mask Prediction Head; in
+# 200-step runs SGD 0.1 barely moves it and 1.0 diverges from useful features: 0.3 (lr sweep).
+METHOD_LR_SCALE = {"maskco": 3.0}
 PROBE = dict(epochs=30, batch_size=128, lr=0.1, weight_decay=1e-4, optimizer="sgd",
              normalize="bn_noaffine")
 
@@ -96,7 +108,8 @@ def pretrain_config(method: str, backbone: str, dataset: str, steps: int, batch_
     if backbone == "vit" and vit_optimizer:
       # ViTs are trained with AdamW in MoCo v3 / MAE; LARS recipes are ResNet recipes.
       config.optim.name = vit_optimizer
-    config.optim.base_lr = SHORT_RUN_LR[config.optim.name] * lr_scale
+    config.optim.base_lr = (SHORT_RUN_LR[config.optim.name] * lr_scale
+                            * METHOD_LR_SCALE.get(method, 1.0))
     if method.startswith("detcon"):
       if dataset == "photos":
         config.data.source_args.precompute_args = config_lib.ConfigDict(args)
@@ -105,14 +118,21 @@ def pretrain_config(method: str, backbone: str, dataset: str, steps: int, batch_
         config.data.masks = "grid"
     else:
       config.data.source, config.data.source_args = source, config_lib.ConfigDict(args)
+    if "mask_patch_size" in config.method_args:
+      # SimMIM's 32 px of 224 at this resolution: 16 mask patches per image, as the :demo configs.
+      patch = BACKBONES[backbone].get("patch_size", 1)
+      config.method_args.mask_patch_size = max(patch, image_size // 4 // patch * patch)
+    if method == "maskco":  # negatives in groups of (up to) 32 images that divide the batch
+      config.method_args.negatives_group_size = math.gcd(
+          config.method_args.negatives_group_size, batch_size)
   return config
 
 
 def eval_images(source, image_size: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
   images, labels = [], []
   for batch in pipeline.eval_batches(source, image_size=image_size, batch_size=256, limit=limit):
-    images.append(batch["image"])
-    labels.append(batch["label"])
+    images.append(batch["image"][batch["valid"]])
+    labels.append(batch["label"][batch["valid"]])
   return np.concatenate(images), np.concatenate(labels)
 
 
@@ -173,6 +193,9 @@ def main(argv=None) -> dict:
   extra = [(backbones[0], m) for m in args.extra_methods.split(",") if m]
   last_seconds = {}
   for backbone, method in runs + extra:
+    if method in VIT_ONLY and backbone != "vit":
+      print(f"{backbone:8s} {method:12s} skipped: needs the ViT backbone", flush=True)
+      continue
     if (backbone, method) in extra:
       projected = time.perf_counter() - t0 + last_seconds.get(backbone, 0.0)
       if projected > 60 * args.budget_minutes:
@@ -182,10 +205,26 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     config = pretrain_config(method, backbone, args.dataset, args.steps, args.batch_size,
                              args.image_size, args.lr_scale, args.vit_optimizer)
+    if method in TEACHERS:
+      teacher = TEACHERS[method]
+      teacher_dir = os.path.join(workroot, f"{backbone}_{teacher}")
+      if not os.path.isdir(os.path.join(teacher_dir, "checkpoints")):
+        t_config = pretrain_config(teacher, backbone, args.dataset, args.steps, args.batch_size,
+                                   args.image_size, args.lr_scale, args.vit_optimizer)
+        t_ts = train.run(t_config, teacher_dir)["state"]
+        t_method = registry.get_method(t_config.method).make(t_config)
+        feats = tuple(encoded(t_method, t_ts["params"], t_ts["state"], x)
+                      for x in (x_train, x_test))
+        add(backbone, f"{teacher} (teacher)", probe(feats, labels, num_classes,
+                                                    epochs=args.probe_epochs),
+            time.perf_counter() - start)
+      with config.unlocked():
+        config.method_args.teacher = teacher_dir
+        config.method_args.teacher_command = ""
     out = train.run(config, os.path.join(workroot, f"{backbone}_{method}"))
     # The method's own `encode` gives the frozen features (eval mode, BN running statistics).
     m = registry.get_method(config.method).make(config)
-    if not any(r["backbone"] == backbone for r in rows):
+    if not any(r["backbone"] == backbone and r["method"] == "random init" for r in rows):
       # Random init: the trainer's initial state (before any step), same architecture and seed.
       setup0 = train.build(config)
       ts0 = jax.device_get(setup0.init_state(setup0.zeros_batch()))

@@ -1,16 +1,16 @@
-"""Checkpoints: the train state and the grain iterator state, saved together by orbax.
+"""Checkpoints: the train state, saved by orbax (locally or in a bucket).
 
-`workdir/checkpoints/<step>/{state,data}`. Only the train state and the data position are saved:
-frozen constants (a teacher) are never part of it, and where a method keeps its backbone is the
-method's business (`Method.encoder`, read through `ssl_jax.weights`). Orbax writes each step into a temporary directory and
-renames it when complete, so a kill mid-save leaves the previous step intact; saves are async
-(the train loop continues while the state is written). Restoring gives the exact next batch
-because the grain iterator state (positions in the shuffled, repeated record stream) is stored
-beside the params.
+`workdir/checkpoints/<step>/state`. Only the train state is saved: the pretraining data position
+is the step itself (`ssl_jax.data.pipeline`: a global stream that any process count slices the
+same way), frozen constants (a teacher) are never part of it, and where a method keeps its
+backbone is the method's business (`Method.encoder`, read through `ssl_jax.weights`). A grain
+iterator may still be saved beside the state (`data_iterator=`: loops over a plain grain
+iterator). Orbax writes each step into a temporary directory and renames it when complete, so a
+kill mid-save leaves the previous step intact; saves are async (the train loop continues while
+the state is written).
 """
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from typing import Any
@@ -18,14 +18,17 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
+from ssl_jax import paths
 from ssl_jax.errors import UserError
 
 STATE, DATA = "state", "data"
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+def checkpoint_dir(workdir) -> epath.Path:
+  """`workdir/checkpoints` (local: absolute; `gs://` kept as given)."""
+  return paths.resolve(workdir) / "checkpoints"
 
 
 class CheckpointNotFoundError(UserError, FileNotFoundError):
@@ -66,7 +69,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, data_iterator=N
 
 def latest_step(workdir: str) -> int | None:
   """The latest complete checkpoint step of a workdir, or None (nothing is created)."""
-  if not os.path.isdir(checkpoint_dir(workdir)):
+  if not checkpoint_dir(workdir).exists():
     return None
   manager = make_manager(workdir, keep=1_000_000, async_save=False, create=False)
   try:
@@ -78,31 +81,42 @@ def latest_step(workdir: str) -> int | None:
 def load_state(workdir: str, step: int | None = None) -> tuple[int, Any]:
   """Loads a saved train state as host numpy arrays without knowing its structure (export, eval)."""
   step = latest_step(workdir) if step is None else step
-  path = os.path.join(checkpoint_dir(workdir), str(step), STATE)
-  if step is None or not os.path.isdir(path):
+  if step is None or not (checkpoint_dir(workdir) / str(step) / STATE).exists():
     raise CheckpointNotFoundError(
         f"no checkpoint{'' if step is None else f' at step {step}'} in {checkpoint_dir(workdir)}:"
         " train first or pass the right workdir/step")
-  with ocp.StandardCheckpointer() as ckptr:
-    metadata = ckptr.metadata(path)
+  manager = ocp.CheckpointManager(
+      checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(create=False),
+      item_handlers={STATE: ocp.StandardCheckpointHandler(),
+                     DATA: grain.checkpoint.CheckpointHandler()})
+  try:
+    metadata = manager.item_metadata(step)[STATE]
     tree = getattr(metadata, "item_metadata", metadata)
-    abstract = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
-                                       sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
-        tree)
-    state = ckptr.restore(path, abstract)
-  return step, jax.device_get(state)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            tree)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        **{STATE: ocp.args.StandardRestore(abstract)}))
+  finally:
+    manager.close()
+  return step, jax.device_get(restored[STATE])
 
 
 class PreemptionFlag:
-  """Set by SIGTERM (preemption notice) so the loop saves and exits at the next step boundary."""
+  """Preemption (SIGTERM): the loop saves and exits at a step boundary, every host at the same step.
+
+  One process: a SIGTERM handler sets a flag, `reached(step)` is True from then on. Several
+  processes (`jax.distributed`): JAX's preemption service catches SIGTERM on whichever host gets
+  it, tells the others, and agrees on a step all of them reach (`multihost_utils.
+  reached_preemption_sync_point`); then no Python handler is installed (it would replace JAX's).
+  """
 
   def __init__(self):
     self._event = threading.Event()
     self._previous = None
 
   def install(self) -> "PreemptionFlag":
-    if threading.current_thread() is threading.main_thread():
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
@@ -115,4 +129,11 @@ class PreemptionFlag:
     self._event.set()
 
   def is_set(self) -> bool:
+    return self._event.is_set()
+
+  def reached(self, step: int) -> bool:
+    """Whether to save and stop after `step` (called at every step, on every process)."""
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      return bool(multihost_utils.reached_preemption_sync_point(int(step)))
     return self._event.is_set()

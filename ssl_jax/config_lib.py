@@ -166,11 +166,11 @@ def validate(config: ConfigDict, num_devices: int) -> None:
   _require(d.image_size > 0, f"config.data.image_size={d.image_size} must be positive")
   _require(d.masks in MASK_TYPES, f"config.data.masks={d.masks!r} must be one of {MASK_TYPES}")
   _require(d.num_workers >= 0, f"config.data.num_workers={d.num_workers} must be >= 0")
-  patch = config.model.get("patch_size")
-  if patch:
-    _require(d.image_size % patch == 0,
-             f"config.data.image_size={d.image_size} is not divisible by"
-             f" config.model.patch_size={patch}")
+  from ssl_jax import models  # pylint: disable=import-outside-toplevel
+  try:
+    models.check_image_size(config.model.to_dict(), d.image_size)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   _require(max_segments(config) >= 1,
            f"config.data.max_segments={d.max_segments} must be >= 1")
   _require(len(d.grid) == 2 and all(int(g) >= 1 for g in d.grid),

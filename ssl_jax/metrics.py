@@ -7,11 +7,11 @@ line per log step (`format_metrics`) and a summary; library INFO logs stay off u
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
 import tqdm
+from etils import epath
 
 # Shown first on a log line, in this order; the rest follow sorted. Bookkeeping that is in
 # metrics.jsonl but not worth a column is left off the console.
@@ -20,27 +20,53 @@ _QUIET = ("img/s/core", "sec/step", "grad_norm")
 
 
 class MetricsWriter:
-  """Appends one JSON object per call: {"step": s, **metrics}. Only process 0 writes."""
+  """Appends one JSON object per call: {"step": s, **metrics}. Only process 0 writes.
+
+  Locally every line is flushed at once. A bucket object cannot be appended to, so in a bucket
+  the file is rewritten whole, at most every `remote_flush_seconds` and on `close` (a crash may
+  lose the last minute of lines there, never the file).
+  """
+  remote_flush_seconds = 60.0
 
   def __init__(self, workdir: str, enabled: bool = True):
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self._f = open(self.path, "a", encoding="utf-8") if enabled else None
+    self.path = epath.Path(workdir) / "metrics.jsonl"
+    self.enabled = enabled
+    self._remote = "://" in str(workdir)
+    self._lines: list[str] = []
+    self._f = None
+    self._last_flush = time.monotonic()
+    if enabled and not self._remote:
+      self._f = open(self.path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+    elif enabled and self.path.exists():  # a bucket object cannot be appended to: rewrite it
+      self._lines = self.path.read_text().splitlines(keepends=True)
 
   def write(self, step: int, metrics: dict) -> None:
-    if self._f is None or not metrics:
+    if not self.enabled or not metrics:
       return
-    self._f.write(json.dumps({"step": int(step), **metrics}, sort_keys=True) + "\n")
-    self._f.flush()
+    line = json.dumps({"step": int(step), **metrics}, sort_keys=True) + "\n"
+    if self._f is not None:
+      self._f.write(line)
+      self._f.flush()
+    else:
+      self._lines.append(line)
+      if time.monotonic() - self._last_flush >= self.remote_flush_seconds:
+        self._flush_remote()
+
+  def _flush_remote(self) -> None:
+    self.path.write_text("".join(self._lines))
+    self._last_flush = time.monotonic()
 
   def close(self) -> None:
     if self._f is not None:
       self._f.close()
       self._f = None
+    elif self.enabled and self._remote and self._lines:
+      self._flush_remote()
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  text = (epath.Path(workdir) / "metrics.jsonl").read_text()
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _fmt(value) -> str:

@@ -29,7 +29,11 @@ SCHEDULES = ("cosine", "piecewise", "constant")
 EXCLUDE_FROM_DECAY = ("bias_and_norm", "bias_norm_and_tokens", "none")
 # timm's ViT.no_weight_decay() names; also the embeddings that get layer id 0.
 TOKEN_NAMES = ("cls_token", "pos_embed", "mask_token", "dist_token")
+# Not decayed under "bias_norm_and_tokens" (timm's / SimMIM's `no_weight_decay`): the tokens and
+# Swin's relative position bias tables. (Only TOKEN_NAMES get layer id 0 in layer decay.)
+NO_DECAY_NAMES = TOKEN_NAMES + ("relative_position_bias_table", "absolute_pos_embed")
 _BLOCK = re.compile(r"^(?:blocks|block|encoderblock|layer)_(\d+)$")
+_SWIN_STAGE = re.compile(r"^layers_(\d+)$")  # Swin: layers_i/{downsample, blocks_j}
 
 
 def scale_lr(base_lr: float, batch_size: int, rule: str = "linear") -> float:
@@ -108,23 +112,60 @@ def decay_mask(params: Any, exclude: str = "bias_and_norm") -> Any:
       return True
     if jnp.ndim(x) <= 1:
       return False
-    return not (exclude == "bias_norm_and_tokens" and _leaf_name(path) in TOKEN_NAMES)
+    return not (exclude == "bias_norm_and_tokens" and _leaf_name(path) in NO_DECAY_NAMES)
 
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def _layer_id(path, num_layers: int) -> int:
-  for entry in path:
-    name = str(getattr(entry, "key", getattr(entry, "name", entry)))
+def _names(path) -> list[str]:
+  return [str(getattr(e, "key", getattr(e, "name", e))) for e in path]
+
+
+def _layer_id(path, num_layers: int, swin_depths: tuple[int, ...] = ()) -> int:
+  names = _names(path)
+  for k, name in enumerate(names):
     if name in TOKEN_NAMES or name in ("patch_embed", "embedding"):
       return 0
+    stage = _SWIN_STAGE.match(name)
+    if stage and k + 1 < len(names):
+      return _swin_layer_id(int(stage.group(1)), names[k + 1], swin_depths)
     match = _BLOCK.match(name)
     if match:
       return int(match.group(1)) + 1
   return num_layers + 1
 
 
+def _swin_layer_id(stage: int, child: str, depths: tuple[int, ...]) -> int:
+  """SimMIM's `get_swin_layer` (BEiT-style ids over all Σdepths blocks) in timm's layout.
+
+  Block j of stage i: Σdepths[:i] + j + 1. SimMIM's Microsoft layout has the patch merging at
+  the END of stage i − 1 and gives it Σdepths[:i] (the id of the block before it); timm's
+  `layers_i/downsample` is that same module, so it gets Σdepths[:i] too.
+  """
+  before = sum(depths[:stage])
+  block = _BLOCK.match(child)
+  if child.startswith("blocks_") and block:
+    return before + int(block.group(1)) + 1
+  return before  # downsample
+
+
+def _swin_depths(params: Any) -> tuple[int, ...]:
+  """Blocks per Swin stage read from the `layers_i/blocks_j` names (empty when not a Swin)."""
+  found: dict[int, int] = {}
+  for path, _ in jax.tree_util.tree_leaves_with_path(params):
+    names = _names(path)
+    for k in range(len(names) - 1):
+      stage, block = _SWIN_STAGE.match(names[k]), re.match(r"^blocks_(\d+)$", names[k + 1])
+      if stage and block:
+        i = int(stage.group(1))
+        found[i] = max(found.get(i, 0), int(block.group(1)) + 1)
+  return tuple(found.get(i, 0) for i in range(max(found) + 1)) if found else ()
+
+
 def _num_blocks(params: Any) -> int:
+  depths = _swin_depths(params)
+  if depths:
+    return sum(depths)
   found = [int(m.group(1)) for path, _ in jax.tree_util.tree_leaves_with_path(params)
            for e in path
            if (m := _BLOCK.match(str(getattr(e, "key", getattr(e, "name", e)))))]
@@ -134,8 +175,11 @@ def _num_blocks(params: Any) -> int:
 def layer_decay_multipliers(params: Any, num_layers: int, decay: float) -> Any:
   """BEiT/MAE layer-wise lr decay: multiplier decay^(num_layers + 1 − layer_id) per leaf.
 
-  layer_id is 0 for patch_embed / cls_token / pos_embed, i+1 for a leaf under `blocks_i`
-  (`encoderblock_i`, `block_i`, `layer_i`), num_layers + 1 for everything else (final norm, head).
+  layer_id is 0 for patch_embed / cls_token / pos_embed / mask_token, i+1 for a leaf under
+  `blocks_i` (`encoderblock_i`, `block_i`, `layer_i`), num_layers + 1 for everything else (final
+  norm, head). Swin (`layers_i/blocks_j`, `layers_i/downsample`): block j of stage i has
+  Σdepths[:i] + j + 1 and the patch merging opening stage i has Σdepths[:i] (SimMIM's
+  `get_swin_layer`), with num_layers = Σdepths; the depths are read from the names.
 
   Args:
     params: pytree of parameters (arrays or ShapeDtypeStructs; only the paths are read).
@@ -145,8 +189,10 @@ def layer_decay_multipliers(params: Any, num_layers: int, decay: float) -> Any:
   Returns:
     Pytree of Python floats with the structure of `params`.
   """
+  depths = _swin_depths(params)
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: float(decay ** (num_layers + 1 - _layer_id(path, num_layers))), params)
+      lambda path, _: float(decay ** (num_layers + 1 - _layer_id(path, num_layers, depths))),
+      params)
 
 
 def _scale_by_layer_decay(decay: float, num_layers: int | None) -> optax.GradientTransformation:

@@ -9,7 +9,7 @@ contrastive negatives are computed over the global batch because the train step 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import numpy as np
@@ -18,22 +18,52 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 DATA = "data"
 
 
-def initialize_distributed() -> None:
-  """Calls `jax.distributed.initialize()` when launched as one of several processes.
+def distributed_init_args(env: Mapping[str, str]) -> dict | None:
+  """The `jax.distributed.initialize` keyword arguments this environment asks for, or None when
+  this is a single-process run. One place decides, per cluster (tested with faked environments):
 
-  Cloud TPU pods and SLURM are detected by JAX itself; a local multi-process launch
-  (launch/local_multiprocess.sh) sets JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
-  JAX_PROCESS_ID; SSL_JAX_DISTRIBUTED=1 forces the call on any other cluster JAX knows.
+  * the local launcher (`launch/local_multiprocess.sh`): JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES, JAX_PROCESS_ID given explicitly;
+  * Cloud TPU VM pod slices and GKE TPU node pools (TPU_WORKER_HOSTNAMES lists more than one
+    host): JAX detects everything;
+  * SLURM (more than one task): JAX detects the coordinator and process ids. JAX then binds each
+    process to the one GPU of its SLURM_LOCALID, which is right for one task per GPU; with one
+    task per node (`launch/gpu_slurm.sh`) every GPU of the node must be this process's, so the
+    local device ids are all of them (from SLURM_GPUS_ON_NODE, else CUDA_VISIBLE_DEVICES);
+  * SSL_JAX_DISTRIBUTED=1: let JAX detect any other cluster it knows.
   """
+  if env.get("JAX_COORDINATOR_ADDRESS") and env.get("JAX_NUM_PROCESSES"):
+    return {"coordinator_address": env["JAX_COORDINATOR_ADDRESS"],
+            "num_processes": int(env["JAX_NUM_PROCESSES"]),
+            "process_id": int(env.get("JAX_PROCESS_ID", "0"))}
+  if len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
+    return {}
+  if int(env.get("SLURM_NTASKS", "1")) > 1:
+    tasks_per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+    if tasks_per_node == "1":
+      gpus = _gpus_on_node(env)
+      return {"local_device_ids": list(range(gpus))} if gpus else {}
+    return {}
+  if env.get("SSL_JAX_DISTRIBUTED") == "1":
+    return {}
+  return None
+
+
+def _gpus_on_node(env: Mapping[str, str]) -> int:
+  if env.get("SLURM_GPUS_ON_NODE"):
+    return int(env["SLURM_GPUS_ON_NODE"])
+  visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+  return len(visible)
+
+
+def initialize_distributed() -> None:
+  """Calls `jax.distributed.initialize(...)` when launched as one of several processes
+  (`distributed_init_args` decides how); a no-op otherwise or when already initialised."""
   if jax.distributed.is_initialized():
     return
-  env = os.environ
-  if env.get("JAX_COORDINATOR_ADDRESS") and env.get("JAX_NUM_PROCESSES"):
-    jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]),
-                               int(env["JAX_PROCESS_ID"]))
-  elif (env.get("SSL_JAX_DISTRIBUTED") == "1" or int(env.get("SLURM_NTASKS", "1")) > 1
-        or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1):
-    jax.distributed.initialize()
+  args = distributed_init_args(os.environ)
+  if args is not None:
+    jax.distributed.initialize(**args)
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -73,6 +103,14 @@ def state_shardings(abstract_state: Any, mesh: Mesh, fsdp: bool) -> Any:
     return NamedSharding(mesh, fsdp_spec(tuple(x.shape), n))
 
   return jax.tree.map(rule, abstract_state)
+
+
+def to_host(tree: Any) -> Any:
+  """Global arrays -> numpy with all rows on every host (all-gathered across processes)."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

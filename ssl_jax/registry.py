@@ -15,6 +15,13 @@ METHODS = {
     "mocov3": "ssl_jax.methods.moco",
     "detcon_b": "ssl_jax.methods.detcon",
     "detcon_s": "ssl_jax.methods.detcon",
+    "mae": "ssl_jax.methods.mae",
+    "ccmim": "ssl_jax.methods.ccmim",
+    "simmim": "ssl_jax.methods.simmim",
+    "mimco": "ssl_jax.methods.mimco",
+    "maskco": "ssl_jax.methods.maskco",
+    "masked_mocov3": "ssl_jax.methods.masked_siamese",
+    "masked_byol": "ssl_jax.methods.masked_siamese",
 }
 
 

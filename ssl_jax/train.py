@@ -15,8 +15,6 @@ the keys an uninterrupted run would; the data iterator state is checkpointed wit
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any, Callable, Mapping
 
 import jax
@@ -25,16 +23,15 @@ import ml_collections
 import numpy as np
 import optax
 
-from ssl_jax import checkpoint, config_lib, optim, parallel, registry, weights
+from ssl_jax import checkpoint, config_lib, loop, optim, parallel, paths, registry, weights
 from ssl_jax.data import pipeline
 from ssl_jax.evaluate import evaluators as evaluators_lib
 from ssl_jax.evaluate import online_probe
 from ssl_jax.methods import base
-from ssl_jax.metrics import Chrono, MetricsWriter, console, format_metrics
+from ssl_jax.metrics import MetricsWriter, console, format_metrics
 
 
-class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN/Inf; the last good checkpoint is kept."""
+NonFiniteLossError = loop.NonFiniteLossError
 
 
 @dataclasses.dataclass
@@ -58,13 +55,13 @@ class Setup:
   init_state: Callable[[dict], Any]
   constants: Any
   provenance: dict
-  predict_fn: Callable[[Any, jax.Array], dict]
+  predict_fn: Callable[[Any, np.ndarray, Callable], Any]
 
   def step(self, ts, batch):
     return self.train_step(ts, batch, self.constants)
 
   def device_batch(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-    return device_batch(local, self.mesh, self.batch_spec)
+    return loop.device_batch(local, self.mesh, self.batch_spec)
 
   def zeros_batch(self) -> dict[str, jax.Array]:
     return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), self.batch_spec)
@@ -133,14 +130,22 @@ def build(config: ml_collections.ConfigDict, mesh=None, source=None) -> Setup:
   state_sharding = parallel.state_shardings(abstract_state, mesh, config.sharding.fsdp)
   batch_sharding = parallel.batch_sharding(mesh)
   const_sharding = parallel.state_shardings(abstract_consts, mesh, config.sharding.fsdp)
+  replicated = parallel.replicated(mesh)
   constants = jax.device_put(constants, const_sharding)
 
   def train_step(ts, batch, consts):
     step = ts["step"]
     rng = jax.random.fold_in(base_key, step)
     grad_fn = jax.value_and_grad(method.loss_and_aux, has_aux=True)
-    (loss, (mstate, metrics)), grads = grad_fn(ts["params"], ts["state"], batch, rng, step,
-                                                consts)
+    params_in, mstate_in = ts["params"], ts["state"]
+    if config.sharding.fsdp:
+      # ZeRO-3: weights are gathered for the compute, so activations stay sharded by batch (left
+      # alone, XLA may shard the heads' activations by feature and hold whole logits blocks).
+      params_in, mstate_in = jax.lax.with_sharding_constraint(
+          (params_in, mstate_in), jax.tree.map(lambda _: replicated, (params_in, mstate_in)))
+    (loss, (mstate, metrics)), grads = grad_fn(params_in, mstate_in, batch, rng, step, consts)
+    if config.sharding.fsdp:
+      grads = jax.lax.with_sharding_constraint(grads, state_sharding["params"])
     features = metrics.pop("features", None)
     updates, opt_state = tx.update(grads, ts["opt_state"], ts["params"])
     params = optax.apply_updates(ts["params"], updates)
@@ -156,11 +161,9 @@ def build(config: ml_collections.ConfigDict, mesh=None, source=None) -> Setup:
       new["probe"] = {"params": optax.apply_updates(ts["probe"]["params"], p_updates),
                       "opt_state": p_opt}
       metrics.update(probe_metrics)
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # A non-finite step leaves the state untouched: the host stops the run at this step and the
     # last checkpoint (and the in-memory state) stay good.
-    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, ts)
+    new, finite, grad_norm = loop.keep_if_finite(new, ts, loss, grads, updates)
     metrics.update(loss=loss, grad_norm=grad_norm, finite=finite, lr=schedule(step))
     return new, metrics
 
@@ -170,15 +173,29 @@ def build(config: ml_collections.ConfigDict, mesh=None, source=None) -> Setup:
   def init_sharded(batch):
     return jax.jit(init_state, out_shardings=state_sharding)(batch)
 
-  def predict_fn(ts, images):
-    """Eval-mode backbone outputs of uint8 images [B, H, W, 3] (the evaluators' input)."""
-    return method.backbone.apply(method.encoder(ts["params"], ts["state"]),
-                                 base.normalized(images), train=False)
+  predict_fn = make_predict_fn(method, mesh)
 
   return Setup(config=config, mesh=mesh, method=method, source=source, views=views,
                batch_spec=spec, tx=tx, schedule=schedule, train_step=jitted,
                state_sharding=state_sharding, init_state=init_sharded, constants=constants,
                provenance=provenance, predict_fn=predict_fn)
+
+
+def make_predict_fn(method: base.Method, mesh) -> Callable:
+  """The evaluators' predict function (`ssl_jax.evaluate.evaluators`):
+  predict(ts, local_images [b, H, W, 3] uint8, select) -> host arrays of `select(outputs)` for the
+  whole global batch, where outputs is the backbone's eval-mode output dict. Each process passes
+  its rows; one jitted program per `select`."""
+  compiled: dict = {}
+
+  def predict(ts, images, select):
+    if select not in compiled:
+      compiled[select] = jax.jit(lambda ts, x: select(method.backbone.apply(
+          method.encoder(ts["params"], ts["state"]), base.normalized(x), train=False)))
+    x = parallel.global_batch({"x": np.asarray(images)}, mesh)["x"]
+    return parallel.to_host(compiled[select](ts, x))
+
+  return predict
 
 
 def _check_views(config, spec: Mapping[str, jax.ShapeDtypeStruct],
@@ -212,33 +229,15 @@ def _load_constants(config, method: base.Method) -> tuple[Any, dict]:
   return jax.tree.map(np.asarray, loaded.tree), provenance
 
 
-def make_data_iterator(setup: Setup):
+def make_data_iterator(setup: Setup, start_step: int = 0):
+  """This process's local batches from global batch `start_step` on: the data position of a run
+  is its step (`ssl_jax.data.pipeline`), at any process count."""
   c = setup.config
   ds = pipeline.train_dataset(setup.source, seed=c.train.seed, batch_size=c.train.batch_size,
                               transform=setup.views, num_workers=c.data.num_workers,
                               prefetch=c.data.prefetch, process_index=jax.process_index(),
-                              process_count=jax.process_count())
+                              process_count=jax.process_count(), start_step=start_step)
   return iter(ds)
-
-
-def device_batch(local: Mapping[str, np.ndarray], mesh,
-                 spec: Mapping[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
-  """The arrays of `spec` from a process-local batch, as global arrays sharded over "data".
-
-  Host bookkeeping (`id`, `skipped`, crop boxes, ...) stays on the host; a missing key or a
-  wrong per-example shape/dtype is an error naming the key.
-  """
-  out = {}
-  for key, want in spec.items():
-    if key not in local:
-      raise ValueError(f"the batch has no {key!r} (keys: {sorted(local)}); the method's "
-                       "batch_spec and the data pipeline disagree")
-    x = np.asarray(local[key])
-    if x.shape[1:] != tuple(want.shape[1:]) or x.dtype != np.dtype(want.dtype):
-      raise ValueError(f"batch[{key!r}] is {x.dtype}{list(x.shape)}, the method expects "
-                       f"{np.dtype(want.dtype)}{list(want.shape)} (global)")
-    out[key] = x
-  return parallel.global_batch(out, mesh)
 
 
 def _init_from(setup: Setup, ts):
@@ -257,29 +256,6 @@ def _init_from(setup: Setup, ts):
   return jax.device_put(ts, setup.state_sharding)
 
 
-def _write_config(workdir: str, config, provenance: dict, resumed: bool) -> None:
-  """config.json: the resolved config plus the provenance of weights it was started from; a
-  resumed run keeps the recorded provenance and refuses changed frozen constants."""
-  path = os.path.join(workdir, "config.json")
-  if resumed and os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      recorded = json.load(f).get("provenance", {})
-    for name, now in provenance.get("constants", {}).items():
-      then = recorded.get("constants", {}).get(name)
-      if then and then["sha256"] != now["sha256"]:
-        raise config_lib.ConfigError(
-            f"frozen constant {name!r}: {now['source']} changed since this run started (sha256 "
-            f"{then['sha256'][:12]}... then, {now['sha256'][:12]}... now); restore it or train "
-            f"in a new workdir")
-    provenance = {**provenance, **{k: v for k, v in recorded.items() if k != "constants"}}
-  out = json.loads(config.to_json_best_effort(sort_keys=True))
-  out["provenance"] = provenance
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(out, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
 def run(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None = None,
         source=None, mesh=None) -> dict:
   """Trains (resuming from `workdir` if it has checkpoints). Returns the final metrics and state.
@@ -288,81 +264,51 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | Non
   preemption would. `source`/`mesh` override the config's (tests, notebooks).
   """
   parallel.initialize_distributed()
+  workdir = paths.check_workdir(workdir)
   setup = build(config, mesh=mesh, source=source)
   config = setup.config
-  os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
   resumed = manager.latest_step() is not None
   if is_main:
-    _write_config(workdir, config, setup.provenance, resumed)
+    loop.write_run_config(workdir, config, setup.provenance, resumed)
 
-  data_it = make_data_iterator(setup)
   abstract = jax.eval_shape(setup.init_state, setup.batch_spec)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, setup.state_sharding)
   total = config.train.total_steps
   if resumed:
-    start, ts = checkpoint.restore(manager, abstract, data_it)
+    start, ts = checkpoint.restore(manager, abstract)
   else:
     ts = setup.init_state(setup.zeros_batch())
     if config.init_from.source:
       ts = _init_from(setup, ts)
     start = 0
   stop_at = total if max_steps is None else min(total, max_steps)
+  data_it = make_data_iterator(setup, start_step=start)
   if is_main:
     console(_start_line(setup, workdir, start, stop_at))
 
   writer = MetricsWriter(workdir, enabled=is_main)
   evaluators = evaluators_lib.make_evaluators(config, setup.predict_fn)
-  if start == 0:
-    for ev in evaluators:
-      writer.write(0, ev.run(ts))
-  chrono = Chrono(total_steps=total, start_step=start, batch_size=config.train.batch_size,
-                  num_cores=jax.device_count(), show_bar=is_main and config.train.progress_bar)
-  preempted = checkpoint.PreemptionFlag().install()
-  last_metrics: dict = {}
-  counters = {name: 0 for name in pipeline.HOST_COUNTERS}
-  step = start
-  pending = None  # (step, metrics) of the previous step, checked one step late (no host sync)
   try:
-    while step < stop_at:
-      local = next(data_it)
-      for name in counters:
-        counters[name] += int(np.sum(local.get(name, 0)))
-      ts, metrics = setup.step(ts, setup.device_batch(local))
-      step += 1
-      _check_finite(pending, workdir)
-      pending = (step, metrics)
-      chrono.tick(step)
-      if step % config.train.log_every_steps == 0 or step == stop_at:
-        last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
-        last_metrics.update(chrono.metrics(), **{f"data/{k}": v for k, v in counters.items()})
-        writer.write(step, last_metrics)
-        if is_main:
-          console(format_metrics(step, total, last_metrics))
+    if start == 0:
       for ev in evaluators:
-        if step % ev.every_steps == 0 or step == total:
-          result = ev.run(ts)
-          writer.write(step, result)
-          if is_main:
-            console(format_metrics(step, total, result))
-      save_now = (step % config.train.checkpoint_every_steps == 0 or step == stop_at
-                  or preempted.is_set())
-      if save_now:
-        _check_finite(pending, workdir)  # never save after a non-finite step
-        checkpoint.save(manager, step, ts, data_it, force=True)
-      if preempted.is_set():
+        result = ev.run(ts)
+        writer.write(0, result)
         if is_main:
-          console(f"SIGTERM received: saved step {step}, exiting")
-        break
+          console(format_metrics(0, total, result))
+    outcome = loop.run_steps(
+        setup.step, ts, data_it, to_device=setup.device_batch, start=start, stop_at=stop_at,
+        total=total, manager=manager, workdir=workdir, writer=writer,
+        batch_size=config.train.batch_size, log_every=config.train.log_every_steps,
+        checkpoint_every=config.train.checkpoint_every_steps,
+        periodic=[loop.Periodic(ev.every_steps, ev.run) for ev in evaluators],
+        show_bar=bool(config.train.progress_bar), host_counters=pipeline.HOST_COUNTERS)
   finally:
-    manager.wait_until_finished()
     manager.close()
-    preempted.uninstall()
-    chrono.close()
     writer.close()
-  return {"step": step, "state": ts, **last_metrics}
+  return {"step": outcome.step, "state": outcome.state, **outcome.metrics}
 
 
 def _start_line(setup: Setup, workdir: str, start: int, stop_at: int) -> str:
@@ -372,15 +318,3 @@ def _start_line(setup: Setup, workdir: str, start: int, stop_at: int) -> str:
   return (f"{c.method}: {what}, {stop_at - start} steps of batch {c.train.batch_size} "
           f"({c.model.name}, {c.data.image_size} px) on {len(devices)} {devices[0].platform} "
           f"device{'s' if len(devices) > 1 else ''}, workdir {workdir}")
-
-
-def _check_finite(pending, workdir: str) -> None:
-  if pending is None:
-    return
-  step, metrics = pending
-  if not bool(metrics["finite"]):
-    raise NonFiniteLossError(
-        f"non-finite loss ({float(metrics['loss'])}) at step {step} (the update from step"
-        f" {step - 1} was not applied); the last good checkpoint in"
-        f" {checkpoint.checkpoint_dir(workdir)} is kept. Lower config.optim.base_lr or check"
-        f" the data.")

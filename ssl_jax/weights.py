@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from typing import Any, Mapping, Optional
 
 import ml_collections
+from etils import epath
 
-from ssl_jax import checkpoint, registry
+from ssl_jax import checkpoint, paths, registry
 from ssl_jax.errors import UserError
 
 PARTS = ("online", "target")
@@ -33,17 +33,17 @@ class WeightsError(UserError, ValueError):
 
 
 def is_workdir(source: str) -> bool:
-  return os.path.isdir(source)
+  """A folder or bucket prefix (not a weights file)."""
+  return not source.endswith((".safetensors",) + TORCH_SUFFIXES) and epath.Path(source).is_dir()
 
 
 def workdir_config(workdir: str) -> ml_collections.ConfigDict:
   """The resolved config a pretraining run wrote to `workdir/config.json`."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
     raise WeightsError(f"{path} not found: {workdir!r} is not a pretraining workdir (training "
                        "writes config.json there)")
-  with open(path, encoding="utf-8") as f:
-    raw = json.load(f)
+  raw = json.loads(path.read_text())
   raw.pop("provenance", None)
   return ml_collections.ConfigDict(raw)
 
@@ -52,7 +52,7 @@ def model_config_of_workdir(workdir: str) -> dict:
   """The "model" section of a pretraining workdir's `config.json` ({"name", **fields})."""
   model = workdir_config(workdir).get("model")
   if not model or "name" not in model:
-    raise WeightsError(f"{os.path.join(workdir, 'config.json')} has no 'model' section with a "
+    raise WeightsError(f"{epath.Path(workdir) / 'config.json'} has no 'model' section with a "
                        "'name'")
   return dict(model.to_dict())
 
@@ -76,7 +76,7 @@ def workdir_encoder(workdir: str, step: Optional[int] = None, part: str = "onlin
   return step, method.target_encoder(state["params"], state["state"])
 
 
-def _safetensors_arch(path: str) -> Optional[dict]:
+def safetensors_arch(path: str) -> Optional[dict]:
   """The architecture our export wrote into a safetensors header ({"name", **fields}) or None."""
   from safetensors import safe_open  # pylint: disable=import-outside-toplevel
   with safe_open(path, framework="numpy") as f:
@@ -105,22 +105,23 @@ def load_backbone(source: str, *, model: Optional[Mapping] = None, step: Optiona
     model = {**model_config_of_workdir(source), **model}
     _, variables = workdir_encoder(source, step or None, part)
     return variables, model
-  if not os.path.exists(source):
+  if not epath.Path(source).exists():
     raise WeightsError(f"weight source {source!r} does not exist (expected a pretraining workdir, "
                        "a .safetensors file or a PyTorch .pth/.pt file)")
   from ssl_jax.export import torch as torch_export  # pylint: disable=import-outside-toplevel
-  if source.endswith(".safetensors"):
-    model = {**(_safetensors_arch(source) or {}), **model}
-  if "name" not in model:
-    raise WeightsError(f"{source}: the architecture is unknown; name it, e.g. "
-                       "model={'name': 'resnet50'} (config.init_from.model.name=resnet50 or "
-                       "config.backbone.model.name=vit_base with patch_size)")
-  try:
-    variables = torch_export.from_torch_state_dict(torch_export.load_torch_file(source), model)
-  except ImportError as e:
-    raise WeightsError(str(e)) from e
-  except ValueError as e:
-    raise WeightsError(f"{source}: {e}") from e
+  with paths.local_copy(source) as local:
+    if source.endswith(".safetensors"):
+      model = {**(safetensors_arch(local) or {}), **model}
+    if "name" not in model:
+      raise WeightsError(f"{source}: the architecture is unknown (no ssl_jax export metadata); "
+                         "name it, e.g. --config.backbone.model.name=vit_base with its "
+                         "patch_size")
+    try:
+      variables = torch_export.from_torch_state_dict(torch_export.load_torch_file(local), model)
+    except ImportError as e:
+      raise WeightsError(str(e)) from e
+    except ValueError as e:
+      raise WeightsError(f"{source}: {e}") from e
   return variables, {k: v for k, v in model.items() if k != "img_size"}
 
 
@@ -128,22 +129,30 @@ def fingerprint(source: str, step: Optional[int] = None) -> str:
   """sha256 of a weight source: the file, or for a workdir its config.json and the files of the
   checkpoint step that would be read (latest when `step` is None)."""
   digest = hashlib.sha256()
+  root = epath.Path(source)
   if is_workdir(source):
     step = step or checkpoint.latest_step(source)
     if step is None:
       raise WeightsError(f"{source}: no checkpoint to read (train first)")
-    paths = [os.path.join(source, "config.json")]
-    root = os.path.join(checkpoint.checkpoint_dir(source), str(step))
-    for folder, _, files in sorted(os.walk(root)):
-      paths += [os.path.join(folder, name) for name in sorted(files)]
+    step_dir = checkpoint.checkpoint_dir(source) / str(step)
+    files = [root / "config.json"] + _files_under(step_dir)
+    names = [str(p)[len(str(checkpoint.checkpoint_dir(source).parent)):] for p in files]
   else:
-    paths = [source]
-  for path in paths:
-    digest.update(os.path.relpath(path, os.path.dirname(source)).encode())
-    with open(path, "rb") as f:
+    files, names = [root], [root.name]
+  for path, name in zip(files, names):
+    digest.update(name.encode())
+    with path.open("rb") as f:
       for block in iter(lambda: f.read(1 << 20), b""):
         digest.update(block)
   return digest.hexdigest()
+
+
+def _files_under(folder: epath.Path) -> list[epath.Path]:
+  """Every file below `folder`, sorted (epath has no recursive glob on buckets)."""
+  out = []
+  for child in sorted(folder.iterdir(), key=str):
+    out += _files_under(child) if child.is_dir() else [child]
+  return out
 
 
 def check_fits(variables: Mapping, abstract: Mapping, where: str) -> None:
@@ -165,7 +174,8 @@ def check_fits(variables: Mapping, abstract: Mapping, where: str) -> None:
 
 def describe(source: str, step: Optional[int] = None, part: str = "online") -> dict[str, Any]:
   """{"source", "sha256", "step"?, "part"?}: what config.json records about a weight source."""
-  out: dict[str, Any] = {"source": os.path.abspath(source), "sha256": fingerprint(source, step)}
+  out: dict[str, Any] = {"source": str(paths.resolve(source)),
+                         "sha256": fingerprint(source, step)}
   if is_workdir(source):
     out.update(step=int(step or checkpoint.latest_step(source)), part=part)
   return out

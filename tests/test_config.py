@@ -6,11 +6,20 @@ import pytest
 from ssl_jax import config_lib
 from tests.helpers import load_config
 
-CONFIGS = ["simclr", "byol", "mocov2", "mocov3", "detcon_b", "detcon_s"]
+CONFIGS = ["simclr", "byol", "mocov2", "mocov3", "detcon_b", "detcon_s", "maskco", "mae", "ccmim",
+           "simmim", "mimco", "masked_mocov3", "masked_byol"]
+# Variants beyond demo/test that each config documents.
+VARIANTS = {"detcon_b": ["epochs=300", "coco", "grid"], "maskco": ["plus_in", "wd=1e-4"],
+            "ccmim": ["paper"], "simmim": ["model=swin_tiny", "model=vit_base"],
+            "mocov3": ["model=vit_small"], "byol": ["epochs=300"],
+            "masked_mocov3": ["in100", "n=4", "aug=strong", "aug=medium"],
+            "masked_byol": ["in100", "aug=strong"]}
+# MimCo's paper setting has no teacher until the user names one (refused on purpose).
+NEEDS_USER_INPUT = {("mimco", None)}
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-@pytest.mark.parametrize("arg", [None, "demo", "test"])
+@pytest.mark.parametrize("name,arg", [(n, a) for n in CONFIGS for a in [None, "demo", "test"]
+                                      + VARIANTS.get(n, []) if (n, a) not in NEEDS_USER_INPUT])
 def test_configs_load_and_validate(name, arg):
   config = load_config(name, arg)
   config_lib.validate(config, num_devices=8 if arg == "test" else 1)
@@ -35,9 +44,12 @@ def test_paper_presets():
 
 
 def test_parse_arg():
-  assert config_lib.parse_arg("epochs=1000,coco,lr=0.5,name=x") == {
+  known = ("epochs", "coco", "lr", "name")
+  assert config_lib.parse_arg("epochs=1000,coco,lr=0.5,name=x", known) == {
       "epochs": 1000, "coco": True, "lr": 0.5, "name": "x"}
   assert config_lib.parse_arg(None) == {}
+  with pytest.raises(config_lib.ConfigError, match="'demoo' is unknown; known variants: demo, test"):
+    config_lib.parse_arg("demoo")
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -255,3 +255,136 @@ def test_import_backbone_from_nested_files(tmp_path):
   torch.save({"epoch": 3, "optimizer": {"lr": 0.1}}, bad)
   with pytest.raises(ValueError, match="none of"):
     torch_export.load_torch_file(bad)
+
+
+# ---------------------------------------------------------------- heads (--with_heads)
+
+# (norm, last_norm, use_bias, num_layers): BYOL/SimCLR, MoCo v3 projector, LN head, MoCo v2,
+# a one-layer head with a last BN.
+MLP_CASES = [("bn", "none", True, 2), ("bn", "bn_noaffine", False, 3), ("ln", "none", True, 2),
+             ("none", "none", True, 2), ("none", "bn", True, 1)]
+
+
+def _mlp_variables(norm, last_norm, use_bias, num_layers, in_dim=6, seed=0):
+  """An MLP (hidden 8, out 4) with random weights, BN affine and running statistics."""
+  mlp = heads.MLP(hidden_dim=8, out_dim=4, num_layers=num_layers, norm=norm, last_norm=last_norm,
+                  use_bias=use_bias)
+  abstract = jax.eval_shape(lambda: mlp.init(KEY, jnp.zeros((2, in_dim)), train=False))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, a):
+    if path[-1].key == "var":
+      return rng.uniform(0.5, 2.0, a.shape).astype(np.float32)
+    return rng.normal(size=a.shape).astype(np.float32)
+  return mlp, jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+def _sequential_reference(sd, prefix, x):
+  """The torch Sequential's eval-mode forward written out in NumPy from the state dict alone:
+  a module with running statistics is BatchNorm1d (ε 1e-5), a weight+bias pair whose weight is
+  1-D is LayerNorm (ε 1e-6), a 2-D weight is Linear; ReLU after every normalised hidden layer."""
+  indices = sorted({int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)})
+  for i in range(max(indices) + 1):
+    p = {k[len(f"{prefix}{i}."):]: v for k, v in sd.items() if k.startswith(f"{prefix}{i}.")}
+    if not p:  # a parameter-free module: ReLU
+      x = np.maximum(x, 0.0)
+    elif "running_mean" in p:
+      x = (x - p["running_mean"]) / np.sqrt(p["running_var"] + 1e-5)
+      x = x * p.get("weight", 1.0) + p.get("bias", 0.0)
+    elif p["weight"].ndim == 1:
+      mu = x.mean(-1, keepdims=True)
+      x = (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-6) * p["weight"] + p["bias"]
+    else:
+      x = x @ p["weight"].T + p.get("bias", 0.0)
+  return x
+
+
+@pytest.mark.parametrize("case", MLP_CASES)
+def test_heads_export_as_torch_sequential(case):
+  norm, last_norm, use_bias, num_layers = case
+  mlp, variables = _mlp_variables(*case)
+  params = {"backbone": {"conv1": {"kernel": np.zeros((3, 3, 3, 4), np.float32)}},
+            "projector": variables["params"]}
+  stats = {"projector": variables.get("batch_stats", {})}
+  sd, layouts = torch_export.heads_to_torch_state_dict(params, stats)
+  # The keys an nn.Sequential of Linear / norm / ReLU has, numbered from 0.
+  want, i = set(), 0
+  for layer in range(num_layers):
+    last = layer == num_layers - 1
+    want |= {f"projector.{i}.weight"} | ({f"projector.{i}.bias"} if use_bias else set())
+    i += 1
+    layer_norm = last_norm if last else norm
+    if layer_norm in ("bn", "ln"):
+      want |= {f"projector.{i}.weight", f"projector.{i}.bias"}
+    if layer_norm in ("bn", "bn_noaffine"):
+      want |= {f"projector.{i}.{s}" for s in ("running_mean", "running_var",
+                                              "num_batches_tracked")}
+    i += layer_norm != "none"
+    i += not last  # ReLU
+  assert set(sd) == want
+  assert sd["projector.0.weight"].shape == ((8, 6) if num_layers > 1 else (4, 6))
+  assert set(layouts) == {"projector"} and layouts["projector"].startswith("torch.nn.Sequential(")
+  x = np.random.default_rng(5).normal(size=(3, 6)).astype(np.float32)
+  np.testing.assert_allclose(_sequential_reference(sd, "projector.", x),
+                             mlp.apply(variables, x, train=False), rtol=1e-4, atol=1e-5)
+
+
+def test_export_heads_writes_the_torch_layout(tmp_path, monkeypatch):
+  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  from ssl_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from ssl_jax.export import __main__ as export_cli  # pylint: disable=import-outside-toplevel
+  _, proj = _mlp_variables("bn", "none", True, 2)
+  _, pred = _mlp_variables("none", "none", True, 2, in_dim=4, seed=1)
+  state = {"params": {"backbone": {}, "projector": proj["params"], "predictor": pred["params"],
+                      "mask_token": np.ones(5, np.float32)},
+           "state": {"batch_stats": {"backbone": {}, "projector": proj["batch_stats"]}}}
+  monkeypatch.setattr(checkpoint, "load_state", lambda workdir, step: (7, state))
+  (tmp_path / "config.json").write_text(json.dumps({"method": "byol"}))
+  out = str(tmp_path / "export" / "heads.safetensors")
+  n = export_cli.export_heads(str(tmp_path), None, out)
+  sd = load_file(out)
+  assert n == len(sd) == 2 + 5 + 2 + 4 + 1  # projector Linear, BN, Linear; predictor; token
+  np.testing.assert_array_equal(sd["projector.1.running_var"],
+                                proj["batch_stats"]["norm_0"]["var"])
+  np.testing.assert_array_equal(sd["predictor.2.weight"], pred["params"]["dense_1"]["kernel"].T)
+  np.testing.assert_array_equal(sd["mask_token"], np.ones(5))
+  with safe_open(out, "np") as f:
+    meta = f.metadata()
+  assert meta["step"] == "7" and meta["method"] == "byol"
+  assert meta["layout.predictor"] == ("torch.nn.Sequential(torch.nn.Linear(4, 8, bias=True), "
+                                      "torch.nn.ReLU(), torch.nn.Linear(8, 4, bias=True))")
+
+
+def _torch_sequential(torch, mlp, in_dim):
+  """The nn.Sequential equivalent of `mlp`, built from its fields (see models/heads.py)."""
+  layers, d = [], in_dim
+  for _ in range(mlp.num_layers - 1):
+    layers.append(torch.nn.Linear(d, mlp.hidden_dim, bias=mlp.use_bias))
+    d = mlp.hidden_dim
+    if mlp.norm == "bn":
+      layers.append(torch.nn.BatchNorm1d(d, eps=mlp.bn_epsilon))
+    elif mlp.norm == "ln":
+      layers.append(torch.nn.LayerNorm(d, eps=1e-6))  # flax LayerNorm's default ε
+    layers.append(torch.nn.ReLU())
+  layers.append(torch.nn.Linear(d, mlp.out_dim, bias=mlp.use_bias))
+  if mlp.last_norm != "none":
+    layers.append(torch.nn.BatchNorm1d(mlp.out_dim, eps=mlp.bn_epsilon,
+                                       affine=mlp.last_norm == "bn"))
+  return torch.nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("case", MLP_CASES)
+def test_heads_load_strictly_into_torch_sequential(case):
+  torch = _need("torch")
+  mlp, variables = _mlp_variables(*case)
+  sd, layouts = torch_export.heads_to_torch_state_dict(
+      {"projector": variables["params"]}, {"projector": variables.get("batch_stats", {})})
+  head = {k[len("projector."):]: torch.from_numpy(np.array(v)) for k, v in sd.items()}
+  x = np.random.default_rng(6).normal(size=(3, 6)).astype(np.float32)
+  for net in (_torch_sequential(torch, mlp, 6), eval(layouts["projector"], {"torch": torch})):  # pylint: disable=eval-used
+    net.load_state_dict(head, strict=True)
+    with torch.no_grad():
+      theirs = net.eval()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(theirs, mlp.apply(variables, x, train=False), rtol=1e-4,
+                               atol=1e-5)

@@ -476,5 +476,6 @@ def test_get_backbone_errors():
   with pytest.raises(ValueError, match="patch_size"):
     models.get_backbone("resnet18", patch_size=8)
   assert set(models.BACKBONES) == {"resnet18", "resnet34", "resnet50", "resnet101", "vit_tiny",
-                                   "vit_small", "vit_base"}
+                                   "vit_small", "vit_base", "swin_tiny", "swin_small",
+                                   "swin_base"}
   assert models.get_backbone("vit_small", patch_size=8).patch_size == 8

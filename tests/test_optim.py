@@ -97,14 +97,15 @@ def test_lars_excludes_bias_and_norm():
 
 
 @pytest.mark.parametrize("exclude,decayed", [
-    ("bias_and_norm", {"kernel", "cls_token"}),
+    ("bias_and_norm", {"kernel", "cls_token", "relative_position_bias_table"}),
     ("bias_norm_and_tokens", {"kernel"}),
-    ("none", {"kernel", "cls_token", "bias", "scale"}),
+    ("none", {"kernel", "cls_token", "bias", "scale", "relative_position_bias_table"}),
 ])
 def test_adamw_weight_decay_mask(exclude, decayed):
   lr, wd = 0.1, 0.5
   params = {"kernel": jnp.ones((2, 3)), "bias": jnp.ones((3,)), "scale": jnp.ones((3,)),
-            "cls_token": jnp.ones((1, 1, 3))}
+            "cls_token": jnp.ones((1, 1, 3)),
+            "relative_position_bias_table": jnp.ones((9, 2))}  # Swin: SimMIM does not decay it
   tx, _ = optim.make_optimizer(cfg(name="adamw", base_lr=lr, weight_decay=wd,
                                    exclude_from_decay=exclude), 10, 256)
   zero = jax.tree.map(jnp.zeros_like, params)  # Adam part is 0: only decoupled decay remains

@@ -110,19 +110,9 @@ def test_sharded_step_equals_single_device(fsdp):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), s1, s8)
 
 
-def _next_batches(config, workdir, n=2):
-  """The next `n` local batches of the data iterator restored from workdir's last checkpoint."""
-  setup = train.build(config, source=BlockSource())
-  it = train.make_data_iterator(setup)
-  manager = checkpoint.make_manager(workdir, keep=3, async_save=False)
-  abstract = jax.eval_shape(setup.init_state, setup.batch_spec)
-  step, _ = checkpoint.restore(manager, abstract, it)
-  manager.close()
-  return step, [next(it) for _ in range(n)]
-
-
 def test_resume_is_bit_identical(tmp_path):
-  """Stop after 3 steps and rerun: same params and same next batches as one uninterrupted run."""
+  """Stop after 3 steps and rerun: the same params and losses as one uninterrupted run (the
+  resumed run reads the data from its step on: `tests/test_pipeline.py` checks the stream)."""
   overrides = dict(total_steps=6, checkpoint_every_steps=2, log_every_steps=1)
   full = train.run(_config("byol", **overrides), str(tmp_path / "full"), source=BlockSource())
   part = str(tmp_path / "part")
@@ -132,13 +122,8 @@ def test_resume_is_bit_identical(tmp_path):
   assert resumed["step"] == 6
   a, b = jax.device_get(full["state"]), jax.device_get(resumed["state"])
   jax.tree.map(np.testing.assert_array_equal, a, b)
-  step_a, batches_a = _next_batches(_config("byol", **overrides), str(tmp_path / "full"))
-  step_b, batches_b = _next_batches(_config("byol", **overrides), part)
-  assert step_a == step_b == 6
-  for x, y in zip(batches_a, batches_b):
-    assert x.keys() == y.keys()
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k])
+  losses = lambda w: [m["loss"] for m in read_metrics(w) if "loss" in m]  # noqa: E731
+  assert losses(part) == losses(str(tmp_path / "full"))
   lines = read_metrics(part)
   assert [m["step"] for m in lines if "loss" in m] == [1, 2, 3, 4, 5, 6]
   for m in lines:

@@ -31,9 +31,13 @@ T = {
     "masked_medium": [((0.08, 1.0), 0.5, (0.4, 0.4, 0.2, 0.1), 0.8, 0.2, 0.0, 0.0)] * 2,
     # MAE: RandomResizedCrop(0.2, 1) + flip; SimMIM: crop (0.67, 1) + flip; no colour.
     "mae": [((0.2, 1.0), 0.5, None, 0, 0, 0, 0)],
+    "crop_only": [((0.2, 1.0), 0.0, None, 0, 0, 0, 0)],
     "simmim": [((0.67, 1.0), 0.5, None, 0, 0, 0, 0)],
     # MaskCo: MoCo v2's augmentation with crops >= 20 % area.
     "maskco": [((0.2, 1.0), 0.5, (0.4, 0.4, 0.4, 0.1), 0.8, 0.2, 0.5, 0.0)] * 2,
+    # Multi-crop local views (DINO `DataAugmentationDINO`): crop (0.05, 0.4), jitter p 0.8,
+    # grey 0.2, blur 0.5.
+    "multicrop_local": [((0.05, 0.4), 0.5, (0.4, 0.4, 0.2, 0.1), 0.8, 0.2, 0.5, 0.0)],
 }
 STYLE = {"simclr": "simclr", "detcon_s": "simclr", "byol": "byol", "detcon_b": "byol"}
 
@@ -90,7 +94,7 @@ def test_make_views_shapes_and_determinism():
   b = views.make_views(rec, recipe, np.random.default_rng(7), 32, mask_type="fh")
   c = views.make_views(rec, recipe, np.random.default_rng(8), 32, mask_type="fh")
   assert a["image"].shape == (2, 32, 32, 3) and a["image"].dtype == np.uint8
-  assert a["masks"].shape == (2, 32, 32) and a["masks"].dtype == np.int32
+  assert a["masks"].shape == (2, 32, 32) and a["masks"].dtype == views.mask_dtype(64)
   assert a["crop"].shape == (2, 4) and a["crop"].dtype == np.float32
   assert a["flip"].shape == (2,) and a["flip"].dtype == bool
   assert a["label"] == 2

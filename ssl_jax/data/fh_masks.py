@@ -45,6 +45,7 @@ to at most that many pixels, because skimage's FH needs ~290 bytes per pixel (~5
 """
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import json
@@ -499,9 +500,16 @@ class FHMaskDataset(sources.Source):
     spec = json.dumps({"source": name, "args": args, "scale": scale, "min_size": min_size,
                        "max_side": max_side, "version": FORMAT_VERSION}, sort_keys=True)
     out = os.path.join(cache_dir, f"fh_{name}_{hashlib.sha256(spec.encode()).hexdigest()[:16]}")
-    if not os.path.exists(os.path.join(out, "metadata.json")):
-      precompute(name, args, out, scales=(scale,), min_sizes=(min_size,), processes=1,
-                 max_side=max_side, progress=False)
+    if os.path.exists(os.path.join(out, "metadata.json")):
+      return out
+    # Several processes of one run (a multi-process launch, or grain workers) may get here at
+    # once: one computes the cache under an exclusive lock, the others wait for it and read it.
+    os.makedirs(cache_dir, exist_ok=True)
+    with open(out + ".lock", "w", encoding="utf-8") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      if not os.path.exists(os.path.join(out, "metadata.json")):
+        precompute(name, args, out, scales=(scale,), min_sizes=(min_size,), processes=1,
+                   max_side=max_side, progress=False)
     return out
 
   def __getstate__(self):

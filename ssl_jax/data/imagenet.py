@@ -33,6 +33,19 @@ Validation labels (`labels_file`), in any of three formats, detected by content:
   * the devkit's `ILSVRC2012_validation_ground_truth.txt` (ILSVRC2012_ID 1..1000 per line, an
     order that is NOT sorted-wnid) with the devkit's `meta.mat` beside it (mapping id -> wnid).
 
+Subsets, for every ImageNet source (`classes=`) and for the folder and tfds-tfrecord sources
+(`split=` slices):
+  * `classes="imagenet100"`: ImageNet-100, the 100 classes of CMC (Tian et al. 2019), which Masked
+    MoCo/BYOL and other papers train and evaluate on; or a file of wnids, one per line. Labels
+    are remapped to 0..K−1 in sorted-wnid order (what an image folder of those classes gives).
+    Sources whose labels live inside the records (TFRecords, tfds array_record) read every
+    record's label once and cache the list (`cache_dir`).
+  * `split="train[:10%]"` and the rest of tfds's slice syntax (`sources.split_indices`): a
+    tfds copy keeps tfds's record order (shuffled when tfds prepared it); an image folder has no
+    such order, so a sliced folder is read class by class in turn (the first image of every
+    class, then the second, ...), which makes every slice class-balanced: `train[:10%]` holds
+    10 % of every class (±1 image).
+
 Bad records never raise: a CRC mismatch, a corrupt image or a missing label gives an error record.
 """
 from __future__ import annotations
@@ -53,6 +66,26 @@ from ssl_jax.data import tfrecord
 
 NUM_CLASSES = 1000
 _TFDS_IMAGENET = ("tensorflow_datasets", "datasets/imagenet2012")
+
+# ImageNet-100: the class list of CMC (Tian, Krishnan & Isola 2019, "Contrastive Multiview
+# Coding"), file `imagenet100.txt` of github.com/HobbitLong/CMC, in that file's order.
+IMAGENET100 = (
+    "n02869837", "n01749939", "n02488291", "n02107142", "n13037406", "n02091831", "n04517823",
+    "n04589890", "n03062245", "n01773797", "n01735189", "n07831146", "n07753275", "n03085013",
+    "n04485082", "n02105505", "n01983481", "n02788148", "n03530642", "n04435653", "n02086910",
+    "n02859443", "n13040303", "n03594734", "n02085620", "n02099849", "n01558993", "n04493381",
+    "n02109047", "n04111531", "n02877765", "n04429376", "n02009229", "n01978455", "n02106550",
+    "n01820546", "n01692333", "n07714571", "n02974003", "n02114855", "n03785016", "n03764736",
+    "n03775546", "n02087046", "n07836838", "n04099969", "n04592741", "n03891251", "n02701002",
+    "n03379051", "n02259212", "n07715103", "n03947888", "n04026417", "n02326432", "n03637318",
+    "n01980166", "n02113799", "n02086240", "n03903868", "n02483362", "n04127249", "n02089973",
+    "n03017168", "n02093428", "n02804414", "n02396427", "n04418357", "n02172182", "n01729322",
+    "n02113978", "n03787032", "n02089867", "n02119022", "n03777754", "n04238763", "n02231487",
+    "n03032252", "n02138441", "n02104029", "n03837869", "n03494278", "n04136333", "n03794056",
+    "n03492542", "n02018207", "n04067472", "n03930630", "n03584829", "n02123045", "n04229816",
+    "n02100583", "n03642806", "n04336792", "n03259280", "n02116738", "n02108089", "n03424325",
+    "n01855672", "n02090622")
+CLASS_SUBSETS = {"imagenet100": IMAGENET100}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,14 +169,89 @@ def _devkit_ids(meta: str, labels_path: str) -> dict[int, str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Class subsets
+
+def subset_wnids(classes: str) -> tuple[str, ...]:
+  """The wnids of `classes`: "" (all: ()), a name of CLASS_SUBSETS, or a file with one wnid per
+  line (blank lines and `#` comments ignored). Every wnid is checked; duplicates are an error."""
+  if not classes:
+    return ()
+  if classes in CLASS_SUBSETS:
+    wnids = CLASS_SUBSETS[classes]
+  elif os.path.isfile(classes):
+    with open(classes, encoding="utf-8") as f:
+      wnids = tuple(w for w in (ln.split("#")[0].strip() for ln in f) if w)
+  else:
+    raise ValueError(f"classes={classes!r} is neither a known subset {sorted(CLASS_SUBSETS)} nor "
+                     "a file of wnids (one per line)")
+  for w in wnids:
+    wnid_label(w, f"classes={classes!r}")
+  if len(set(wnids)) != len(wnids) or not wnids:
+    raise ValueError(f"classes={classes!r} lists {len(wnids)} wnids, {len(set(wnids))} distinct: "
+                     "give each class once")
+  return tuple(wnids)
+
+
+def subset_label_map(classes: str) -> Optional[dict[int, int]]:
+  """{standard label 0..999: subset label 0..K−1 (sorted-wnid order)}, or None for all classes."""
+  wnids = subset_wnids(classes)
+  return {wnid_label(w): k for k, w in enumerate(sorted(wnids))} if wnids else None
+
+
+def subset_of(source: sources.Source, labels: np.ndarray, classes: str = "",
+              indices: Optional[np.ndarray] = None) -> sources.Source:
+  """`source` restricted to `indices` (default all) and to the records of `classes`.
+
+  Args:
+    source: a source with standard ImageNet labels.
+    labels: int [len(source)] every record's label (−1 unknown: dropped by a class subset).
+    classes: "" or a class subset (`subset_wnids`).
+    indices: records to keep, in order (a split slice), or None.
+  """
+  label_map = subset_label_map(classes)
+  if indices is None and label_map is None:
+    return source
+  keep = np.arange(len(source), dtype=np.int64) if indices is None else np.asarray(indices)
+  if label_map is not None:
+    keep = keep[np.isin(np.asarray(labels)[keep], list(label_map))]
+  return sources.Subset(source, keep, label_map,
+                        num_classes=len(label_map) if label_map else NUM_CLASSES)
+
+
+def tfrecord_labels(source: tfrecord.TFRecordSource, cache_dir: Optional[str] = None
+                    ) -> np.ndarray:
+  """Every record's label (+ the source's label_offset; −1 when unreadable), read once from the
+  files without decoding images and cached beside the offset index."""
+
+  def build():
+    labels = []
+    for path in source.files:
+      offsets, lengths, _ = tfrecord.index_tfrecord(path)
+      with open(path, "rb") as f:
+        for off, n in zip(offsets, lengths):
+          f.seek(int(off))
+          try:
+            value = tfrecord.parse_example(f.read(int(n)))[source.label_key][0]
+            labels.append(int(value) + source.label_offset)
+          except Exception:  # pylint: disable=broad-except  # the record is an error record
+            labels.append(-1)
+    return {"labels": labels}
+
+  index = tfrecord.cached_index(f"labels-{re.sub(r'[^A-Za-z0-9]', '_', source.label_key)}",
+                                source.files, build, cache_dir)
+  return np.asarray(index["labels"], np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
 # Official DetCon TFRecords (ImageNet with FH masks)
 
 def detcon_tfrecord_source(data_dir: str, split: str = "train", mask_index: int = 0,
-                           verify_crc: bool = True,
-                           cache_dir: Optional[str] = None) -> tfrecord.TFRecordSource:
+                           verify_crc: bool = True, cache_dir: Optional[str] = None,
+                           classes: str = "") -> sources.Source:
   """The official DetCon ImageNet-with-FH TFRecords (`{split}-*-of-*` in `data_dir`).
 
   Masks follow the image through its EXIF orientation (`tfrecord.TFRecordSource`, masks_key).
+  `classes`: a class subset (module docstring).
   """
   prefix = {"train": "train", "validation": "validation", "test": "validation"}.get(split)
   if prefix is None:
@@ -154,12 +262,15 @@ def detcon_tfrecord_source(data_dir: str, split: str = "train", mask_index: int 
         f"detcon_tfrecord: no files {pattern} in data_dir={data_dir!r} (found: "
         f"{sources.describe_folder(data_dir)}); DetCon's generate_fh_masks_for_imagenet.py "
         "writes train-XXXXX-of-02048 and validation-XXXXX-of-00256")
-  return tfrecord.TFRecordSource(pattern, image_key="image/encoded",
-                                 label_key="image/class/label", id_key="image/filename",
-                                 label_offset=-1, num_classes=NUM_CLASSES,
-                                 masks_key="image/felzenszwalb_segmentations",
-                                 mask_index=mask_index, verify_crc=verify_crc,
-                                 cache_dir=cache_dir)
+  source = tfrecord.TFRecordSource(pattern, image_key="image/encoded",
+                                   label_key="image/class/label", id_key="image/filename",
+                                   label_offset=-1, num_classes=NUM_CLASSES,
+                                   masks_key="image/felzenszwalb_segmentations",
+                                   mask_index=mask_index, verify_crc=verify_crc,
+                                   cache_dir=cache_dir)
+  if not classes:
+    return source
+  return subset_of(source, tfrecord_labels(source, cache_dir), classes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,9 +291,11 @@ class IlsvrcTar(sources.Source):
     path: the archive.
     labels_file: validation labels (flat archives only).
     cache_dir: where the index is cached.
+    classes: a class subset (module docstring), labels remapped to 0..K−1.
   """
 
-  def __init__(self, path: str, labels_file: str = "", cache_dir: Optional[str] = None):
+  def __init__(self, path: str, labels_file: str = "", cache_dir: Optional[str] = None,
+               classes: str = ""):
     if not os.path.isfile(path):
       raise FileNotFoundError(f"ilsvrc_tar path={path!r} is not a file")
     self.path = path
@@ -198,6 +311,22 @@ class IlsvrcTar(sources.Source):
       self._labels = read_validation_labels(labels_file)
     self.num_classes = NUM_CLASSES
     self._f = None
+    self._label_map = subset_label_map(classes)
+    if self._label_map is not None:
+      keep = [k for k in range(len(self._names)) if self._label(k) in self._label_map]
+      if not keep:
+        raise ValueError(f"ilsvrc_tar path={path!r} holds no image of classes={classes!r}")
+      self._names = [self._names[k] for k in keep]
+      self._wnids = [self._wnids[k] for k in keep]
+      self._offset, self._size = self._offset[keep], self._size[keep]
+      self.num_classes = len(self._label_map)
+
+  def _label(self, i: int) -> int:
+    """Standard label of member i (−1 when the labels file lacks it)."""
+    name, wnid = self._names[i], self._wnids[i]
+    if wnid:
+      return wnid_label(wnid, self.path)
+    return self._labels.get(name, -1)
 
   def __getstate__(self):
     state = dict(self.__dict__)
@@ -208,11 +337,15 @@ class IlsvrcTar(sources.Source):
     return len(self._names)
 
   def get(self, i: int, with_encoded: bool = False) -> dict[str, Any]:
-    name, wnid = self._names[i], self._wnids[i]
+    name = self._names[i]
     try:
-      label = (wnid_label(wnid, self.path) if wnid else self._labels[name])
-    except (KeyError, ValueError) as e:
+      label = self._label(i)
+    except ValueError as e:
       return sources.error_record(name, f"no label: {e}")
+    if label < 0:
+      return sources.error_record(name, "no label: not in the validation labels file")
+    if self._label_map is not None:
+      label = self._label_map[label]
     if self._f is None:
       self._f = open(self.path, "rb")  # pylint: disable=consider-using-with
     self._f.seek(int(self._offset[i]))
@@ -252,40 +385,76 @@ class ImageNetFolder(sources.Source):
   """Extracted ILSVRC2012 images: `root/nXXXXXXXX/*.JPEG`, or a flat folder + `labels_file`.
 
   Labels follow the standard synset order (not the index among the folders present, so a subset
-  of classes keeps ImageNet's labels); ids are base file names.
+  of classes keeps ImageNet's labels) unless `classes` selects a subset (then 0..K−1); ids are
+  base file names.
+
+  Args:
+    root: the class folders (or flat validation images), or with `split` their parent.
+    labels_file: validation labels of a flat folder ("" tfds's bundled list).
+    split: "" (all of `root`), or a tfds-style expression `NAME[slice]` reading the folder
+      `root/NAME` (e.g. root=/data/imagenet, split="train[:10%]"), or `[slice]` slicing `root`
+      itself. A sliced folder is read class by class in turn (module docstring), so every slice
+      is class-balanced.
+    classes: a class subset ("imagenet100" or a wnid file).
   """
 
-  def __init__(self, root: str, labels_file: str = ""):
-    if not os.path.isdir(root):
-      raise FileNotFoundError(f"imagenet_folder root={root!r} is not a directory")
-    self.root = root
-    entries = sorted(e for e in os.listdir(root) if not e.startswith("."))
-    class_dirs = [e for e in entries if os.path.isdir(os.path.join(root, e))]
-    files: list[tuple[str, str]] = []
+  def __init__(self, root: str, labels_file: str = "", split: str = "", classes: str = ""):
+    name, bracket, bounds = split.partition("[")
+    folder = os.path.join(root, name) if name else root
+    if not os.path.isdir(folder):
+      raise FileNotFoundError(f"imagenet_folder root={root!r}"
+                              + (f" split={split!r}: {folder!r}" if name else "")
+                              + " is not a directory")
+    self.root = folder
+    entries = sorted(e for e in os.listdir(folder) if not e.startswith("."))
+    class_dirs = [e for e in entries if os.path.isdir(os.path.join(folder, e))]
+    files: list[str] = []
+    labels: list[int] = []
     if class_dirs:
       for d in class_dirs:
-        wnid_label(d, root)  # a stray folder is a setup error, named now
-        files += [(f"{d}/{f}", d) for f in sorted(os.listdir(os.path.join(root, d)))
-                  if _is_image_name(f)]
-      self._labels = None
+        label = wnid_label(d, folder)  # a stray folder is a setup error, named now
+        names = [f"{d}/{f}" for f in sorted(os.listdir(os.path.join(folder, d)))
+                 if _is_image_name(f)]
+        files += names
+        labels += [label] * len(names)
     else:
-      files = [(f, "") for f in entries]
-      self._labels = read_validation_labels(labels_file)
+      val_labels = read_validation_labels(labels_file)
+      files = entries
+      labels = [val_labels.get(f, -1) for f in entries]
     if not files:
-      raise ValueError(f"imagenet_folder root={root!r} holds no images")
-    self._files = files
-    self.num_classes = NUM_CLASSES
+      raise ValueError(f"imagenet_folder root={folder!r} holds no images")
+    labels_arr = np.asarray(labels, np.int64)
+    order = np.arange(len(files))
+    if split:
+      # Class by class in turn: sort by (rank of the file within its class, label).
+      rank = np.zeros(len(files), np.int64)
+      for label in np.unique(labels_arr):
+        members = np.flatnonzero(labels_arr == label)
+        rank[members] = np.arange(members.size)
+      order = np.lexsort((labels_arr, rank))
+      spec = f"records[{bounds}" if bracket else "records"
+      order = order[sources.split_indices(spec, {"records": len(files)},
+                                          where=f"imagenet_folder split={split!r}")]
+    self._label_map = subset_label_map(classes)
+    if self._label_map is not None:
+      order = order[np.isin(labels_arr[order], list(self._label_map))]
+    if order.size == 0:
+      raise ValueError(f"imagenet_folder root={folder!r} split={split!r} classes={classes!r} "
+                       "selects no image")
+    self._files = [files[k] for k in order]
+    self._labels = labels_arr[order]
+    self.num_classes = len(self._label_map) if self._label_map else NUM_CLASSES
 
   def __len__(self):
     return len(self._files)
 
   def get(self, i: int, with_encoded: bool = False) -> dict[str, Any]:
-    rel, wnid = self._files[i]
+    rel, label = self._files[i], int(self._labels[i])
     name = os.path.basename(rel)
-    try:
-      label = wnid_label(wnid) if wnid else self._labels[name]
-    except (KeyError, ValueError) as e:
-      return sources.error_record(name, f"no label: {e}")
+    if label < 0:
+      return sources.error_record(name, "no label: not in the validation labels file")
+    if self._label_map is not None:
+      label = self._label_map[label]
     try:
       with open(os.path.join(self.root, rel), "rb") as f:
         data = f.read()

@@ -1,18 +1,27 @@
-"""The grain input pipeline: source -> per-process shard -> shuffle -> views -> batch.
+"""The grain input pipeline: one global stream of examples, each process reads its slice.
 
-Deterministic given (seed, process index): the shuffle is re-seeded each epoch and each element's
-augmentation generator is seeded by the pipeline seed and the element's position, so a restored
-iterator (its state is saved with every checkpoint) yields exactly the batches an uninterrupted
-run would. Host work here is geometry only (decode, crop, flip, resize of images and masks);
-colour augmentation runs on device inside the jitted step (`ssl_jax.data.augment`).
+Training (`train_dataset`): the source is shuffled (re-shuffled every epoch) and repeated into
+one infinite global stream; element i gets its views from a generator seeded by (seed, i). Global
+batch k holds elements [k·B, (k+1)·B); process p of P reads rows [p·B/P, (p+1)·B/P) of every
+global batch. Element i is a pure function of (seed, i), so the data position of a run is its
+step: a run resumed at step s starts at global batch s, with any number of processes, and sees
+exactly the batches an uninterrupted run would (no iterator state to save).
 
 Bad records (a source returns `{"id", "error"}` instead of raising, and view making may fail on
-a malformed record) are dropped, logged with their id, and counted: each batch carries
-`skipped` [B] int32, the number of records dropped just before each of its elements.
+a malformed record) are logged with their id and replaced, in place, by the element one epoch
+later in the stream (a different random record; `ReplaceBad`), so the global stream stays aligned
+across processes; each element carries `skipped`, the number of bad records it replaced.
+
+Evaluation (`eval_batches`): one ordered pass in global batches, every process reading its rows,
+padded to full batches with a `valid` mask (one compiled shape, any process count).
+
+Host work here is geometry only (decode, crop, flip, resize of images and masks); colour
+augmentation runs on device inside the jitted step (`ssl_jax.data.augment`).
 """
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, Iterator
 
 import grain
@@ -25,8 +34,9 @@ from ssl_jax.data import views as views_lib
 
 # Keys a batch carries for the host only (never shipped to the device); counters are summed
 # over the run and logged as `data/<name>`.
-HOST_KEYS = ("id", "error", "skipped", "segments_dropped", "crop", "flip")
-HOST_COUNTERS = ("skipped", "segments_dropped")
+HOST_KEYS = ("id", "error", "skipped", "segments_dropped", "crop", "flip", "crop_fallback",
+             "negative_fallback")
+HOST_COUNTERS = ("skipped", "segments_dropped", "crop_fallback", "negative_fallback")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +108,7 @@ class MakeViews(grain.transforms.RandomMap):
       return {"id": record.get("id", "?"), "error": str(e)}
     if "label" not in out:
       out["label"] = np.int32(record.get("label", -1))
+    out["id"] = str(record.get("id", "?"))
     return out
 
 
@@ -151,27 +162,87 @@ class SkipBad(grain.IterDataset):
     return _SkipBadIterator(self._parent.__iter__())
 
 
+class ReplaceBad(grain.MapDataset):
+  """Element i of `parent`, or, when that is an error record, the first good one of
+  i + stride, i + 2·stride, ... (`stride` = the source length: the same place one epoch later,
+  another random record). Adds `skipped` (int32): how many bad records it replaced."""
+
+  def __init__(self, parent: grain.MapDataset, stride: int, max_tries: int = 64):
+    super().__init__(parent)
+    self._stride, self._max_tries = int(stride), int(max_tries)
+
+  def __len__(self) -> int:
+    return len(self._parent)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    for tries in range(self._max_tries):
+      record = self._parent[index + tries * self._stride]
+      if "error" not in record:
+        return {**record, "skipped": np.int32(tries)}
+      logging.warning("skipping record %s: %s", record.get("id"), record["error"])
+    raise RuntimeError(f"{self._max_tries} bad records in a row at stream position {index}: "
+                       "the data source is broken (see the warnings above)")
+
+
+class ProcessSlice(grain.MapDataset):
+  """This process's rows of every global batch, from global batch `start_batch` on.
+
+  Local element j = global element (start_batch + j // b)·B + p·b + j % b, b = B / P.
+  """
+
+  def __init__(self, parent: grain.MapDataset, global_batch: int, process_index: int,
+               process_count: int, start_batch: int = 0):
+    super().__init__(parent)
+    self._global, self._local = int(global_batch), int(global_batch) // int(process_count)
+    self._offset = int(process_index) * self._local
+    self._start = int(start_batch)
+
+  def __len__(self) -> int:
+    return sys.maxsize
+
+  def global_index(self, index: int) -> int:
+    batch, row = divmod(index, self._local)
+    return (self._start + batch) * self._global + self._offset + row
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self.global_index(index)]
+
+
+def global_stream(source, *, seed: int, transform) -> grain.MapDataset:
+  """The infinite global stream: element i = `transform` of the i-th record of the repeated,
+  per-epoch re-shuffled source, with generator seeded by (seed, i); bad ones replaced."""
+  if len(source) == 0:
+    raise ValueError(f"data source {source!r} is empty")
+  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat().random_map(transform)
+  return ReplaceBad(ds, stride=len(source))
+
+
 def train_dataset(source, *, seed: int, batch_size: int, transform: grain.transforms.RandomMap,
                   num_workers: int = 0, prefetch: int = 2, process_index: int = 0,
-                  process_count: int = 1) -> grain.IterDataset:
-  """An infinite, per-process iterator of local batches of `batch_size // process_count`.
+                  process_count: int = 1, start_step: int = 0) -> grain.IterDataset:
+  """An infinite iterator of this process's local batches (`batch_size // process_count` rows).
 
   Args:
     source: random-access record source (`ssl_jax.data.sources`).
     seed: pipeline seed (shuffle and per-element augmentation generators).
-    batch_size: global batch size; each process yields its share.
+    batch_size: global batch size B; each process yields its B / P rows of every global batch.
     transform: record -> views (`MakeViews`).
+    start_step: the first global batch (a resumed run's step).
   """
   if batch_size % process_count:
     raise ValueError(f"config.train.batch_size={batch_size} is not divisible by the "
                      f"{process_count} processes")
-  if len(source) == 0:
-    raise ValueError(f"data source {source!r} is empty")
-  ds = grain.MapDataset.source(source).seed(seed)
-  ds = ds[process_index::process_count].shuffle().repeat().random_map(transform)
+  ds = ProcessSlice(global_stream(source, seed=seed, transform=transform), batch_size,
+                    process_index, process_count, start_step)
+  # Batched as a MapDataset: local batch k is always rows k·b..(k+1)·b of the slice, also when
+  # worker processes (which split the dataset by element) make the batches.
+  ds = ds.batch(batch_size // process_count, drop_remainder=True)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, min(8, prefetch * 2)),
                                             prefetch_buffer_size=max(1, prefetch * 4)))
-  it = SkipBad(it).batch(batch_size // process_count, drop_remainder=True)
   if num_workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
                                                     per_worker_buffer_size=prefetch))
@@ -179,13 +250,33 @@ def train_dataset(source, *, seed: int, batch_size: int, transform: grain.transf
 
 
 def eval_batches(source, *, image_size: int, batch_size: int, limit: int = 0,
-                 crop_fraction: float = 1.0) -> Iterator[dict[str, np.ndarray]]:
-  """One ordered pass over `source` (first `limit` records if > 0), bad records dropped.
+                 crop_fraction: float = 1.0, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """One ordered pass over `source` (the first `limit` records if > 0) in global batches of
+  `batch_size`; this process yields its `batch_size // process_count` rows of each.
 
-  The last batch may be smaller than `batch_size`.
+  Every batch is full: rows past the end and bad records are zero images with `valid` False
+  and label -1. Yields {"image" uint8 [b, S, S, 3], "label" int32 [b], "valid" bool [b]}.
   """
-  ds = grain.MapDataset.source(source)
-  if limit:
-    ds = ds[:limit]
-  it = SkipBad(ds.map(EvalView(image_size, crop_fraction)).to_iter_dataset())
-  return iter(it.batch(batch_size, drop_remainder=False))
+  if batch_size % process_count:
+    raise ValueError(f"batch_size={batch_size} is not divisible by the {process_count} processes")
+  n = min(limit, len(source)) if limit else len(source)
+  local = batch_size // process_count
+  view = EvalView(image_size, crop_fraction)
+  blank = {"image": np.zeros((image_size, image_size, 3), np.uint8), "label": np.int32(-1),
+           "valid": False}
+
+  def element(j):
+    batch, row = divmod(j, local)
+    i = batch * batch_size + process_index * local + row
+    if i >= n:
+      return blank
+    out = view.map(source[i])
+    if "error" in out:
+      logging.warning("evaluation skips record %s: %s", out.get("id"), out["error"])
+      return blank
+    return {**out, "valid": True}
+
+  num_batches = -(-n // batch_size)
+  ds = grain.MapDataset.range(num_batches * local).map(element)
+  return iter(ds.to_iter_dataset().batch(local, drop_remainder=False))

@@ -198,6 +198,86 @@ class Source:
 
 
 # ---------------------------------------------------------------------------------------------
+# Subsets: tfds split slices and class subsets over any source
+
+def split_indices(spec: str, sizes: Mapping[str, int],
+                  shard_lengths: Optional[Mapping[str, Sequence[int]]] = None,
+                  where: str = "split") -> np.ndarray:
+  """Record indices of a tfds split expression over splits stored one after another.
+
+  The syntax and the arithmetic are tfds's (`tfds.core.ReadInstruction`): `train`,
+  `train[:10%]`, `train[1000:2000]`, `train[-5%:]`, `train[:4shard]`, and sums
+  `train[:10%]+validation`; percent boundaries round to the closest record (tfds's default
+  rounding), so `train[:10%]` of ImageNet's 1,281,167 records is the first 128,117.
+
+  Args:
+    spec: the expression.
+    sizes: split name -> record count, in the order the splits are laid out (the indices of a
+      later split start after the earlier ones).
+    shard_lengths: split name -> records per shard (only for `shard` slices).
+    where: names the argument in errors.
+
+  Returns:
+    int64 [K] indices into the concatenated splits, in the expression's order.
+  """
+  import types  # pylint: disable=import-outside-toplevel
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  starts, start = {}, 0
+  for name, n in sizes.items():
+    starts[name] = start
+    start += int(n)
+  infos = {name: types.SimpleNamespace(num_examples=int(n),
+                                       shard_lengths=list((shard_lengths or {}).get(name, [n])))
+           for name, n in sizes.items()}
+  try:
+    absolute = tfds.core.ReadInstruction.from_spec(spec).to_absolute(infos)
+  except (ValueError, AssertionError, KeyError, NotImplementedError) as e:
+    raise ValueError(f"{where}={spec!r}: {e} (tfds split syntax, e.g. 'train[:10%]' or "
+                     f"'train[1000:2000]'; splits here: {list(sizes)})") from e
+  parts = []
+  for a in absolute:
+    n = int(sizes[a.splitname])
+    lo = 0 if a.from_ is None else int(a.from_)
+    hi = n if a.to is None else int(a.to)
+    parts.append(starts[a.splitname] + np.arange(lo, max(lo, hi), dtype=np.int64))
+  return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+class Subset(Source):
+  """Records `indices` of `source`, in that order, with labels remapped through `label_map`.
+
+  A record whose label is not in `label_map` becomes an error record (the pipeline drops it).
+  Built by the ImageNet sources for split slices and class subsets (ImageNet-100).
+  """
+
+  def __init__(self, source: Source, indices: Sequence[int],
+               label_map: Optional[Mapping[int, int]] = None, num_classes: int = 0):
+    self.source = source
+    self.indices = np.asarray(indices, np.int64)
+    self.label_map = dict(label_map) if label_map is not None else None
+    self.num_classes = int(num_classes or getattr(source, "num_classes", 0))
+    if self.indices.size == 0:
+      raise ValueError(f"the subset of {source!r} is empty")
+
+  @property
+  def provides_masks(self) -> bool:
+    return bool(getattr(self.source, "provides_masks", False))
+
+  def __len__(self):
+    return int(self.indices.size)
+
+  def get(self, i: int, with_encoded: bool = False) -> dict[str, Any]:
+    record = self.source.get(int(self.indices[i]), with_encoded)
+    if self.label_map is None or "error" in record or "label" not in record:
+      return record
+    label = self.label_map.get(int(record["label"]))
+    if label is None:
+      return error_record(record.get("id", str(i)), f"label {record['label']} is not in the "
+                          "class subset")
+    return {**record, "label": label}
+
+
+# ---------------------------------------------------------------------------------------------
 # Built-in photos (scikit-image, bundled in its wheel, no download)
 
 # Every one ships inside scikit-image's wheel (skimage/data/*.png|jpg), so none needs a

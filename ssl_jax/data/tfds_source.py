@@ -4,7 +4,8 @@
     feature read undecoded and decoded by `sources.decode_image`.
   * `tfds_tfrecord_source` (source `tfds_tfrecord`): a *tfrecord* copy (e.g.
     `imagenet2012/5.*/imagenet2012-train.tfrecord-*`), which `tfds.data_source` cannot read,
-    through `tfrecord.TFRecordSource`.
+    through `tfrecord.TFRecordSource`; split slices (`train[:10%]`) with tfds's arithmetic.
+  Both take `classes=` (an ImageNet class subset such as ImageNet-100, `imagenet.subset_wnids`).
   * `check_tfds_dataset`: is the dataset prepared, in a readable format, with the split and
     features asked for? Raises `DatasetNotReadyError` naming data_dir, what it found there and
     the command that fixes it (tfds itself raises a misleading NotImplementedError for both a
@@ -47,15 +48,45 @@ class TfdsSource(sources.Source):
     data_dir: tfds data folder ("" or None: tfds' default).
     image_key, label_key: feature names; label_key "" for none.
     id_key: feature holding a stable id.
+    classes: an ImageNet class subset ("imagenet100" or a wnid file; `imagenet.subset_wnids`),
+      labels remapped to 0..K−1. Every record's label is read once (the whole split) and cached
+      in `cache_dir`.
+    cache_dir: where that label list is cached (default `sources.default_cache_dir()`).
   """
 
   def __init__(self, name: str, split: str = "train", data_dir: Optional[str] = None,
-               image_key: str = "image", label_key: str = "label", id_key: str = "file_name"):
+               image_key: str = "image", label_key: str = "label", id_key: str = "file_name",
+               classes: str = "", cache_dir: Optional[str] = None):
     self.name, self.split, self.data_dir = name, split, data_dir or None
     self.image_key, self.label_key, self.id_key = image_key, label_key, id_key
     self._ds = None
     self._len = len(self._open())
     self.num_classes = self._num_classes()
+    self._index: Optional[np.ndarray] = None
+    self._label_map: Optional[dict[int, int]] = None
+    if classes:
+      from ssl_jax.data import imagenet  # pylint: disable=import-outside-toplevel
+      self._label_map = imagenet.subset_label_map(classes)
+      labels = self._labels(cache_dir)
+      self._index = np.flatnonzero(np.isin(labels, list(self._label_map)))
+      if self._index.size == 0:
+        raise ValueError(f"tfds {name!r} split={split!r} holds no record of classes={classes!r}")
+      self._len, self.num_classes = int(self._index.size), len(self._label_map)
+
+  def _labels(self, cache_dir: Optional[str]) -> np.ndarray:
+    """Every record's label (one pass over the split, cached by its files and the split)."""
+    if not self.label_key:
+      raise ValueError(f"tfds {self.name!r}: classes= needs labels (label_key is empty)")
+
+    def build():
+      ds = self._open()
+      return {"labels": [int(np.asarray(ds[i][self.label_key])) for i in range(len(ds))]}
+
+    files = check_tfds_dataset(self.name, self.data_dir, self.split)["files"]
+    if not files:  # remote data_dir: nothing to key a cache on
+      return np.asarray(build()["labels"], np.int64)
+    kind = "labels-tfds-" + re.sub(r"[^A-Za-z0-9]", "_", f"{self.split}-{self.label_key}")
+    return np.asarray(tfrecord.cached_index(kind, files, build, cache_dir)["labels"], np.int64)
 
   def __getstate__(self):
     state = dict(self.__dict__)
@@ -97,6 +128,8 @@ class TfdsSource(sources.Source):
     return self._len
 
   def get(self, i: int, with_encoded: bool = False) -> dict[str, Any]:
+    if self._index is not None:
+      i = int(self._index[i])
     fallback_id = f"{self.name}/{self.split}/{i}"
     try:
       example = self._open()[i]
@@ -107,6 +140,8 @@ class TfdsSource(sources.Source):
     extra = {}
     if self.label_key and self.label_key in example:
       extra["label"] = int(np.asarray(example[self.label_key]))
+      if self._label_map is not None:
+        extra["label"] = self._label_map[extra["label"]]
     image = example.get(self.image_key)
     if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3:
       # Already decoded (e.g. tfds.testing.mock_data ignores decoders).
@@ -126,20 +161,36 @@ class TfdsSource(sources.Source):
 def tfds_tfrecord_source(name: str = "imagenet2012", split: str = "train",
                          data_dir: str = "", image_key: str = "image", label_key: str = "label",
                          id_key: str = "file_name", verify_crc: bool = True,
-                         cache_dir: Optional[str] = None) -> tfrecord.TFRecordSource:
+                         cache_dir: Optional[str] = None, classes: str = "") -> sources.Source:
   """A tfrecord-prepared tfds copy (newest version folder), read without TensorFlow.
 
-  `split` is a plain split name ("train", "validation"); tfds slicing syntax is not supported.
+  Args:
+    split: a tfds split expression: "train", "train[:10%]", "train[1000:2000]",
+      "train[:10%]+validation", ... (`sources.split_indices`: tfds's own arithmetic over the
+      records in the order tfds wrote them).
+    classes: an ImageNet class subset ("imagenet100" or a wnid file; `imagenet.subset_wnids`):
+      labels remapped to 0..K−1. Every record's label is read once and cached in `cache_dir`.
   """
-  if not re.fullmatch(r"\w+", split):
-    raise ValueError(f"tfds_tfrecord split={split!r}: give a plain split name (train, "
-                     "validation); slicing needs the array_record copy (`python -m "
-                     "ssl_jax.data.tfds_source convert`)")
   info = check_tfds_dataset(name, data_dir, split, fmt="tfrecord",
                             keys=[k for k in (image_key, label_key) if k])
-  return tfrecord.TFRecordSource(info["files"], image_key=image_key, label_key=label_key,
-                                 id_key=id_key, num_classes=info["num_classes"],
-                                 verify_crc=verify_crc, cache_dir=cache_dir)
+  source = tfrecord.TFRecordSource(info["files"], image_key=image_key, label_key=label_key,
+                                   id_key=id_key, num_classes=info["num_classes"],
+                                   verify_crc=verify_crc, cache_dir=cache_dir)
+  indices = None
+  if "[" in split:  # a slice: tfds's arithmetic over the records of the named splits
+    lengths = info["shard_lengths"]
+    sizes = {s: sum(n) for s, n in lengths.items()}
+    if sum(sizes.values()) != len(source):
+      raise DatasetNotReadyError(
+          f"tfds dataset {name!r} in data_dir={data_dir}: dataset_info.json lists "
+          f"{sum(sizes.values())} records for {split!r} but {len(source)} are readable, so a "
+          "slice cannot be placed; restore or re-prepare the files")
+    indices = sources.split_indices(split, sizes, lengths, where="tfds_tfrecord split")
+  if not classes:
+    return source if indices is None else sources.Subset(source, indices)
+  from ssl_jax.data import imagenet  # pylint: disable=import-outside-toplevel
+  return imagenet.subset_of(source, imagenet.tfrecord_labels(source, cache_dir), classes,
+                            indices)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,13 +249,15 @@ def check_tfds_dataset(name: str, data_dir: Optional[str], split: str,
     fmt: "array_record" (what `tfds.data_source` reads) or "tfrecord".
     keys: feature keys that must exist.
   Returns:
-    {"version_dir", "files" (of `split` when it names one split), "num_classes", "features"}.
+    {"version_dir", "files" (of the split names, in order), "shard_lengths" ({split name:
+    records per shard}, from dataset_info.json), "num_classes", "features"}.
   Raises:
     DatasetNotReadyError: naming data_dir, what was found, and the command that fixes it.
   """
   data_dir = tfds_dataset_dir(name, data_dir)
   if "://" in data_dir:  # remote (gs://): leave the check to tfds
-    return {"version_dir": "", "files": [], "num_classes": 0, "features": []}
+    return {"version_dir": "", "files": [], "shard_lengths": {}, "num_classes": 0,
+            "features": []}
   versions = _version_dirs(name, data_dir)
   if not versions:
     raise DatasetNotReadyError(
@@ -239,8 +292,9 @@ def check_tfds_dataset(name: str, data_dir: Optional[str], split: str,
     raise DatasetNotReadyError(
         f"tfds dataset {name!r} in data_dir={data_dir} has no split {missing} (split={split!r}); "
         f"prepared splits: {sorted(split_info)}")
-  files = []
+  files, shard_lengths = [], {}
   for s in wanted:
+    shard_lengths[s] = [int(n) for n in split_info[s].get("shardLengths", [])]
     found = _split_files(vdir, name, s, file_format)
     expected = len(split_info[s].get("shardLengths", []))
     if expected and len(found) != expected:
@@ -263,8 +317,8 @@ def check_tfds_dataset(name: str, data_dir: Optional[str], split: str,
       raise DatasetNotReadyError(
           f"tfds dataset {name!r} in data_dir={data_dir} has no feature {absent}; its features: "
           f"{features} (set image_key=/label_key= in source_args)")
-  return {"version_dir": vdir, "files": files, "num_classes": num_classes,
-          "features": features}
+  return {"version_dir": vdir, "files": files, "shard_lengths": shard_lengths,
+          "num_classes": num_classes, "features": features}
 
 
 def is_prepared(name: str, data_dir: Optional[str] = "", split: str = "train",

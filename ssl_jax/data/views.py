@@ -127,6 +127,8 @@ _RECIPES: dict[str, tuple[ViewSpec, ...]] = {
                           interpolation="bicubic")),
     # MAE PRETRAIN recipe: RandomResizedCrop(scale=(0.2, 1), bicubic) + flip, no colour.
     "mae": (ViewSpec(crop_scale=(0.2, 1.0), interpolation="bicubic"),),
+    # ccMIM's text (FIDELITY row 20, `:paper`): "only random resized crop", MAE's crop, no flip.
+    "crop_only": (ViewSpec(crop_scale=(0.2, 1.0), flip_p=0.0, interpolation="bicubic"),),
     # SimMIM: RandomResizedCrop(scale=(0.67, 1), ratio=(3/4, 4/3)) + flip, no colour.
     "simmim": (ViewSpec(crop_scale=(0.67, 1.0)),),
     # Masked MoCo/BYOL (Sec. 4.1, Table 4): light = one shared crop, colour twice.
@@ -137,11 +139,11 @@ _RECIPES: dict[str, tuple[ViewSpec, ...]] = {
                       ViewSpec(color=_MASKED_COLOR, crop_mode="diagonal")),
     # strong = MoCo v3's (crop 0.08, FIDELITY row 12).
     "masked_strong": (ViewSpec(color=_MOCOV3_COLOR), ViewSpec(color=_MOCOV3_COLOR_2)),
-    # Multi-crop local views (SwAV Sec. 3.2 / DINO `DataAugmentationDINO`): 96 px crops of
-    # 5-40 % of the image, flip, colour jitter 0.8, greyscale 0.2, blur p 0.5; one spec repeated
-    # `config.data.local_views` times.
+    # Multi-crop local views (DINO `DataAugmentationDINO`, torchvision ops): 96 px bicubic
+    # crops of 5-40 % of the image, flip, colour jitter 0.8, greyscale 0.2, blur p 0.5; one spec
+    # repeated `config.data.local_views` times.
     "multicrop_local": (ViewSpec(crop_scale=(0.05, 0.4),
-                                 color=dataclasses.replace(_BYOL_COLOR, blur_p=0.5),
+                                 color=dataclasses.replace(_MOCOV3_COLOR, blur_p=0.5),
                                  interpolation="bicubic"),),
     # MaskCo (Sec. 4, "same as MoCo v2" with crops >= 20 % area, constrained to overlap:
     # `make_maskco_views`); view 0 = query, view 1 = key.
@@ -312,10 +314,18 @@ def make_maskco_views(record: dict, recipe: Sequence[ViewSpec], rng: np.random.G
   Boxes are square (the paper gives only sizes 32-128 px at 224, our choice), sides given as
   fractions of the view side.
 
+  Two fallbacks keep every record usable, and each is counted in the output: when no pair of
+  crops overlaps enough in `max_tries` draws (tiny or extreme images), the query reuses the key's
+  crop ("crop_fallback" = 1); when fewer than num_boxes − 1 of 10 × 8·num_boxes candidates have
+  IoU < `negative_iou_max` (only when boxes are large relative to the view, e.g. box_side near
+  1), the least-overlapping candidates fill the gap ("negative_fallback" = how many negatives
+  have IoU >= negative_iou_max). At the paper's box sizes neither happens on ordinary images.
+
   Returns:
     make_views' dict for 2 views (view 0 = query, view 1 = key) plus
-    "boxes": float32 [num_boxes, 4] (y0, x0, y1, x1) key-view pixels, positive first, and
-    "masked_box": float32 [4] (y0, x0, y1, x1) query-view pixels.
+    "boxes": float32 [num_boxes, 4] (y0, x0, y1, x1) key-view pixels, positive first,
+    "masked_box": float32 [4] (y0, x0, y1, x1) query-view pixels, and the host counters
+    "crop_fallback", "negative_fallback" (int32).
   """
   if len(recipe) != 2:
     raise ValueError(f"MaskCo needs a 2-view recipe, got {len(recipe)} views")
@@ -323,7 +333,7 @@ def make_maskco_views(record: dict, recipe: Sequence[ViewSpec], rng: np.random.G
   height, width = image.shape[:2]
   s = float(image_size)
   side_lo, side_hi = box_side[0] * s, box_side[1] * s
-  geometry = None
+  geometry, crop_fallback = None, 0
   for _ in range(max_tries):
     geometry = sample_geometry(recipe, rng, height, width)
     inter = transforms.crop_intersection(geometry[0][0], geometry[1][0])
@@ -334,6 +344,7 @@ def make_maskco_views(record: dict, recipe: Sequence[ViewSpec], rng: np.random.G
       break
   else:
     geometry = [(geometry[1][0], bool(rng.random() < recipe[0].flip_p)), geometry[1]]
+    crop_fallback = 1
   (q_crop, q_flip), (k_crop, k_flip) = geometry
   inter = transforms.crop_intersection(q_crop, k_crop)
   # The overlap window in key-view pixels (an identity box mapped from original pixels).
@@ -353,7 +364,9 @@ def make_maskco_views(record: dict, recipe: Sequence[ViewSpec], rng: np.random.G
       break
   if len(negatives) < num_boxes - 1:  # tiny views: fall back to the least overlapping ones
     negatives = candidates[np.argsort(_iou(positive, candidates), kind="stable")]
-  boxes = np.concatenate([positive[None], negatives[:num_boxes - 1]]).astype(np.float32)
+  negatives = negatives[:num_boxes - 1]
+  negative_fallback = int(np.sum(_iou(positive, negatives) >= negative_iou_max))
+  boxes = np.concatenate([positive[None], negatives]).astype(np.float32)
   masked = transforms.project_box(positive, k_crop, q_crop, k_flip, q_flip, s)
   images = [transforms.crop_flip_resize(image, box, flip, image_size, resample=spec.interpolation,
                                         record_id=record.get("id", "?"))[0]
@@ -362,7 +375,9 @@ def make_maskco_views(record: dict, recipe: Sequence[ViewSpec], rng: np.random.G
          "crop": np.asarray([g[0] for g in geometry], np.float32),
          "flip": np.asarray([g[1] for g in geometry], bool),
          "boxes": boxes,
-         "masked_box": np.clip(masked, 0.0, s).astype(np.float32)}
+         "masked_box": np.clip(masked, 0.0, s).astype(np.float32),
+         "crop_fallback": np.int32(crop_fallback),
+         "negative_fallback": np.int32(negative_fallback)}
   if "label" in record:
     out["label"] = np.int32(record["label"])
   return out

@@ -1,12 +1,14 @@
-"""Evaluation CLI: linear probe or fine-tune of a pretrained backbone.
+"""Evaluation CLI: linear evaluation or fine-tuning of a pretrained backbone (resumable).
 
-  python -m ssl_jax.evaluate --config=configs/linear_eval.py[:vit|:mae|:demo] \\
+  python -m ssl_jax.evaluate --config=configs/linear_eval.py[:vit|:mae|:multilayer|:demo] \\
       --config.backbone.workdir=PRETRAIN_WORKDIR --workdir=OUT
-  python -m ssl_jax.evaluate --config=configs/finetune.py[:demo] \\
+  python -m ssl_jax.evaluate --config=configs/finetune.py[:simmim|:mimco|:demo] \\
       --config.backbone.workdir=PRETRAIN_WORKDIR --workdir=OUT
 
-`config.protocol` ("linear" or "finetune") picks the protocol. Writes OUT/metrics.jsonl and
-OUT/linear_eval_summary.json (or finetune_summary.json) and prints the final top-1/top-5.
+`config.protocol` ("linear" or "finetune") picks the protocol; both train through
+`ssl_jax.evaluate.supervised`. Rerunning the same command resumes from OUT/checkpoints (SIGTERM
+saves one and exits). Writes OUT/config.json, OUT/metrics.jsonl and, once complete,
+OUT/linear_eval_summary.json (or finetune_summary.json), and prints the final top-1/top-5.
 """
 from absl import flags
 from ml_collections import config_flags
@@ -33,9 +35,14 @@ def main(argv):
   else:
     from ssl_jax.evaluate import finetune as protocol_lib
   summary = protocol_lib.run(config, _WORKDIR.value)
-  summary = {k: v for k, v in summary.items() if k != "head"}
-  print(f"{protocol}: top1={summary.get('top1', float('nan')):.4f} "
-        f"top5={summary.get('top5', float('nan')):.4f} after {summary['step']} steps")
+  if not summary["complete"]:
+    print(f"{protocol_lib.NAME}: stopped at step {summary['step']} of {summary['total_steps']}; "
+          "rerun the same command to resume")
+    return
+  for key in sorted(summary):
+    if key.endswith("/top1"):
+      print(f"{key[:-len('/top1')]}: top1={summary[key]:.4f} "
+            f"top5={summary[key[:-1] + '5']:.4f} after {summary['step']} steps")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@
 `every_steps` and `run(train_state) -> {name/metric: float}`. The trainer hands over a single
 predict function and nothing else:
 
-  predict_fn(train_state, images [B, H, W, 3] uint8) -> the backbone's output dict in eval mode
-    ("pooled" [B, C] and, for ResNets, "stages"/"stem"; see `ssl_jax.models`).
+  predict_fn(train_state, images, select) -> host arrays: `select` (a function of the backbone's
+    eval-mode output dict: "pooled" [B, C] and, for ResNets, "stages"/"stem"; see
+    `ssl_jax.models`) applied on device to this process's uint8 images [b, H, W, 3], returned
+    for the whole global batch on every host (so evaluators work on any number of processes).
 
 Kinds (`config.eval.<name>.kind`, default the entry's name):
   knn         weighted cosine kNN (`ssl_jax.evaluate.knn`) on pooled features: `<name>/top1`,
@@ -26,7 +28,7 @@ import numpy as np
 from ssl_jax import config_lib, registry
 from ssl_jax.evaluate import features as features_lib
 
-PredictFn = Callable[[Any, jax.Array], dict]
+PredictFn = Callable[[Any, np.ndarray, Callable[[dict], Any]], Any]
 
 
 class KnnEvaluator:
@@ -39,17 +41,20 @@ class KnnEvaluator:
     self.train = _source(name, cfg, "train_args")
     self.test = _source(name, cfg, "test_args")
     self.num_classes = int(cfg.get("num_classes", 0) or getattr(self.train, "num_classes", 0))
-    self._encode = jax.jit(self.feature_fn(predict_fn))  # (ts, images) -> features, compiled once
+    self._predict, self._select = predict_fn, self.select()
 
-  def feature_fn(self, predict_fn: PredictFn) -> Callable:
-    return lambda ts, images: predict_fn(ts, images)["pooled"]
+  def select(self) -> Callable[[dict], Any]:
+    """What to take from the backbone's outputs (runs on device; one function per evaluator so
+    it compiles once)."""
+    return lambda outputs: outputs["pooled"]
 
   def features(self, ts) -> tuple[Any, np.ndarray, Any, np.ndarray]:
     """(train features, train labels, test features, test labels) of the current state."""
-    kw = dict(image_size=self.image_size, batch_size=int(self.cfg.batch_size), args=(ts,))
-    x_train, y_train = features_lib.source_features(self._encode, self.train,
+    encode = lambda images: self._predict(ts, images, self._select)  # noqa: E731
+    kw = dict(image_size=self.image_size, batch_size=int(self.cfg.batch_size))
+    x_train, y_train = features_lib.source_features(encode, self.train,
                                                     limit=int(self.cfg.max_train), **kw)
-    x_test, y_test = features_lib.source_features(self._encode, self.test, **kw)
+    x_test, y_test = features_lib.source_features(encode, self.test, **kw)
     return x_train, y_train, x_test, y_test
 
   def classes(self, y_train: np.ndarray, y_test: np.ndarray) -> int:
@@ -98,10 +103,10 @@ class MultilayerEvaluator(LinearEvaluator):
   (`ssl_jax.evaluate.linear.RESNET50_POOL_SIZES` for the paper's ~9k-dim features).
   """
 
-  def feature_fn(self, predict_fn: PredictFn) -> Callable:
+  def select(self) -> Callable[[dict], Any]:
     from ssl_jax.evaluate import linear  # pylint: disable=import-outside-toplevel
     pool_sizes = dict(self.cfg.get("pool_sizes", None) or {})
-    return lambda ts, images: linear.multilayer_features(predict_fn(ts, images), pool_sizes)
+    return lambda outputs: linear.multilayer_features(outputs, pool_sizes)
 
   def run(self, ts) -> dict[str, float]:
     from ssl_jax.evaluate import linear  # pylint: disable=import-outside-toplevel

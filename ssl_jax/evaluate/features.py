@@ -70,23 +70,42 @@ def extract_features(encode_fn: Callable[..., Any],
 def source_features(encode_fn: Callable[..., Any], source, *, image_size: int,
                     batch_size: int, limit: int = 0, crop_fraction: float = 1.0,
                     args: tuple = (), mesh=None) -> tuple[Any, np.ndarray]:
-  """(features, labels [N]) of one ordered pass over a record source (centre crops,
-  `pipeline.eval_batches`: the first `limit` records when > 0, bad records dropped).
+  """(features, labels [N]) of one ordered pass over a record source (centre crops, the first
+  `limit` records when > 0; bad records left out), on any number of processes.
 
-  `encode_fn` gets uint8 images [batch_size, S, S, 3]; see `extract_features`.
+  Every process reads its rows of each global batch of `batch_size` (`pipeline.eval_batches`,
+  padded to full batches). Two ways to run the encoder:
+    * `mesh` given: `encode_fn(*args, images)` is jitted and gets the global uint8 batch
+      [batch_size, S, S, 3] sharded over the mesh; its outputs are gathered to every host;
+    * `mesh` None: `encode_fn(*args, local_images)` is called with this process's rows and must
+      return host arrays for the whole global batch (e.g. the trainer's `predict_fn`).
   """
-  labels: list[np.ndarray] = []
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  process_index, process_count = jax.process_index(), jax.process_count()
+  if mesh is not None:
+    encode = encode_fn if hasattr(encode_fn, "lower") else jax.jit(encode_fn)
 
-  def images():
-    for batch in pipeline.eval_batches(source, image_size=image_size, batch_size=batch_size,
-                                       limit=limit, crop_fraction=crop_fraction):
-      labels.append(np.asarray(batch["label"]))
-      yield batch["image"]
-
-  try:
-    feats = extract_features(encode_fn, images(), batch_size, args=args, mesh=mesh)
-  except ValueError as e:
-    if not labels:
-      raise ValueError(f"evaluation source {source!r} yielded no records") from e
-    raise
-  return feats, np.concatenate(labels)
+    def run(local_images):
+      x = parallel.global_batch({"x": local_images}, mesh)["x"]
+      return parallel.to_host(encode(*args, x))
+  else:
+    run = lambda local_images: encode_fn(*args, local_images)  # noqa: E731
+  outputs, labels, valid = [], [], []
+  for batch in pipeline.eval_batches(source, image_size=image_size, batch_size=batch_size,
+                                     limit=limit, crop_fraction=crop_fraction,
+                                     process_index=process_index, process_count=process_count):
+    outputs.append(jax.tree.map(np.asarray, run(batch["image"])))
+    labels.append(batch["label"])
+    valid.append(batch["valid"])
+  if not outputs:
+    raise ValueError(f"evaluation source {source!r} yielded no records")
+  labels, valid = np.concatenate(labels), np.concatenate(valid)
+  if process_count > 1:  # rows of global batch k: process 0's, then process 1's, ...
+    local = batch_size // process_count
+    gather = lambda x: np.asarray(multihost_utils.process_allgather(  # noqa: E731
+        x.reshape(-1, local), tiled=False)).transpose(1, 0, 2).reshape(-1)
+    labels, valid = gather(labels), gather(valid)
+  feats = jax.tree.map(lambda *leaves: np.concatenate(leaves)[valid], *outputs)
+  if not valid.any():
+    raise ValueError(f"evaluation source {source!r} yielded no readable records")
+  return feats, labels[valid]

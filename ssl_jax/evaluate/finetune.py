@@ -1,64 +1,138 @@
-"""End-to-end fine-tuning of a pretrained ViT (the BEiT/MAE/MoCo v3 protocol).
+"""End-to-end fine-tuning (the BEiT/MAE recipe that MAE, ccMIM, MimCo, Masked MoCo and SimMIM
+report), trained through the supervised loop (`ssl_jax.evaluate.supervised`), resumable.
 
-Every backbone weight trains, with
+Every backbone weight trains, with the recipe switches of `configs/finetune.py`:
   * AdamW (β 0.9/0.999), weight decay on matrices only (biases, norms, cls_token, pos_embed
-    excluded, timm's `no_weight_decay`), linear warmup + cosine, lr = blr × batch/256;
-  * layer-wise lr decay (BEiT, MAE Sec. A.2): parameter group with layer id i gets
-    lr × decay^(L + 1 − i), with id 0 for the patch embedding and tokens, i+1 for block i, L+1
-    for the final norm and the head (`ssl_jax.optim.layer_decay_multipliers`);
-  * drop path (stochastic depth) in the backbone, label smoothing, and optional mixup / cutmix
-    (timm's `Mixup`: per batch either mixup with λ ~ Beta(α, α) or cutmix with a box of area
-    1 − λ, chosen with probability 1/2 when both are on; the batch is mixed with its reverse).
-Train views are random-resized-crop + flip; evaluation is the linear protocol's resize + centre
-crop, top-1/top-5 (`ssl_jax.evaluate.linear_eval`). Not implemented: RandAugment and random
-erasing of MAE's recipe (listed in configs/finetune.py), EMA of the weights.
+    excluded, timm's `no_weight_decay`), linear warmup + cosine, lr = blr × batch/256, optional
+    gradient clipping (SimMIM 5.0);
+  * layer-wise lr decay (BEiT, MAE Sec. A.2): a parameter with layer id i gets
+    lr × decay^(L + 1 − i), id 0 for the patch embedding and tokens, i + 1 for block i, L + 1 for
+    the final norm and the head; Swin ids over all Σdepths blocks as SimMIM's `get_swin_layer`
+    (`ssl_jax.optim.layer_decay_multipliers`, L counted from the parameter names);
+  * drop path (stochastic depth, linear in depth) in the backbone;
+  * host views: random-resized crop (bicubic) + flip + RandAugment `rand-m9-mstd0.5-inc1`
+    (`ssl_jax.data.randaugment`), then random erasing p 0.25 'pixel' in normalised space
+    (`ssl_jax.data.supervised_views`), in timm's order;
+  * label smoothing and mixup / cutmix (timm's `Mixup` in batch mode: per batch either mixup
+    with λ ~ Beta(α, α) or cutmix with a box of area 1 − λ, chosen with probability 1/2 when both
+    are on; the batch is mixed with its reverse; targets are the smoothed one-hots mixed by λ);
+  * optional EMA of the weights (`train.ema_decay`, timm's `ModelEma`), evaluated beside the
+    weights themselves (`finetune_ema/top1`).
+Evaluation: resize, centre crop, top-1/top-5.
 
-The classifier reads the CLS token after the final norm (MoCo v3 / DeiT) or the mean of the
-normed patch tokens (`features="avg"`, MAE's global pool; MAE normalises after pooling instead).
+Classifier input (`config.model.features`):
+  * "global_pool": MAE's `models_vit` with `global_pool=True` (its fine-tuning default, also BEiT's
+    `use_mean_pooling`): the mean of the last block's patch tokens *before* the final norm, then a
+    new LayerNorm `fc_norm` (ε 1e-6) in the head; the backbone's final norm is then unused
+    (MAE deletes it). Needs a ViT; the last block's output is read with flax
+    `capture_intermediates`.
+  * "cls": the CLS token after the final norm (MoCo v3, DeiT, iBOT's `--use_cls`).
+  * "avg": the mean of the normed patch tokens (timm `global_pool="avg", fc_norm=False`).
+  * "pooled": the backbone's own pooling (ResNet global average pool; Swin: final norm then
+    average pool, the Swin/SimMIM classifier input).
+The head is Dense(num_classes) with truncated-normal std 2e-5 weights and zero bias (MAE's
+`trunc_normal_(head.weight, std=2e-5)`: tiny logits keep the first steps from wrecking the
+pretrained features).
 """
 from __future__ import annotations
 
-import os
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
-from ssl_jax import optim, parallel, registry
-from ssl_jax.data.augment import normalize
-from ssl_jax.evaluate import linear_eval
-from ssl_jax.metrics import MetricsWriter
+from ssl_jax.evaluate import supervised
+from ssl_jax.models.vit import LN_EPSILON
 
-SUMMARY_FILE = "finetune_summary.json"
+FEATURES = ("global_pool", "cls", "avg", "pooled")
+NAME = "finetune"
 
 
-class FineTuneModel(nn.Module):
-  """Backbone -> CLS/avg/pooled features -> Dense(num_classes).
+def last_block_tokens(vit: nn.Module, variables: dict, x: jax.Array, *, train: bool = False,
+                      rngs: dict | None = None) -> tuple[jax.Array, dict]:
+  """The last transformer block's output [B, 1+N, D] (the final norm's input) and the updated
+  mutable collections, read with flax `capture_intermediates` (our ViT returns normed tokens
+  only; MAE's global pool needs the tokens before that norm)."""
+  last = f"blocks_{vit.depth - 1}"
+  _, updated = vit.apply(variables, x, train=train, rngs=rngs, mutable=["intermediates"],
+                         capture_intermediates=lambda mdl, method: (mdl.name == last
+                                                                   and method == "__call__"))
+  updated = dict(updated)
+  return updated.pop("intermediates")[last]["__call__"][0][0], updated  # (x, attention)
 
-  The head starts at truncated normal std 2e-5 (MAE's fine-tune head init; tiny logits at the
-  start keep the first steps from wrecking the pretrained features) and zero bias.
+
+class ClassifierHead(nn.Module):
+  """[B, D] features -> optional LayerNorm `fc_norm` (MAE global pool) -> Dense -> [B, C] f32."""
+  num_classes: int
+  fc_norm: bool = False
+
+  @nn.compact
+  def __call__(self, feats: jax.Array) -> jax.Array:
+    feats = feats.astype(jnp.float32)
+    if self.fc_norm:
+      feats = nn.LayerNorm(epsilon=LN_EPSILON, name="fc_norm")(feats)
+    return nn.Dense(self.num_classes, kernel_init=nn.initializers.truncated_normal(2e-5),
+                    name="head")(feats)
+
+
+@dataclasses.dataclass(frozen=True)
+class FineTuneModel:
+  """Backbone + classifier head as two Linen modules under params {"backbone", "head"}.
+
+  apply(params, state, x, train, rng) -> (logits [B, C] float32, state): x normalised images
+  [B, H, W, 3]; state {"batch_stats": backbone BN statistics} (ResNet) or {}; in train mode the
+  BN statistics update and drop path draws from `rng`.
   """
   backbone: nn.Module
   num_classes: int
   features: str = "cls"
 
-  @nn.compact
-  def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
-    """images: [B, H, W, 3] normalised float -> logits [B, num_classes] float32."""
-    out = self.backbone(images, train=train)
+  def __post_init__(self):
+    if self.features not in FEATURES:
+      raise ValueError(f"config.model.features={self.features!r} must be one of {FEATURES}")
+    if self.features == "global_pool" and not hasattr(self.backbone, "depth"):
+      raise ValueError("config.model.features='global_pool' (MAE) needs a ViT backbone; use "
+                       "'pooled' for ResNets and Swins")
+
+  @property
+  def head(self) -> ClassifierHead:
+    return ClassifierHead(self.num_classes, fc_norm=self.features == "global_pool")
+
+  def init(self, rng: jax.Array, backbone_variables: dict, image_size: int) -> tuple[dict, dict]:
+    """(params {"backbone", "head"}, state) with the given backbone weights."""
+    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    feats = jax.eval_shape(lambda v, im: self.features_of(v, im, False, None)[0],
+                           backbone_variables, x)
+    head = self.head.init(rng, jnp.zeros(feats.shape, feats.dtype))["params"]
+    params = {"backbone": backbone_variables["params"], "head": head}
+    state = ({"batch_stats": backbone_variables["batch_stats"]}
+             if "batch_stats" in backbone_variables else {})
+    return params, state
+
+  def features_of(self, variables: dict, x: jax.Array, train: bool, rng: jax.Array | None
+                  ) -> tuple[jax.Array, dict]:
+    """(features [B, D] float32, updated backbone variables besides params) of `x`."""
+    mutable = ["batch_stats"] if train and "batch_stats" in variables else []
+    rngs = {"dropout": rng} if train and rng is not None else None
+    if self.features == "global_pool":
+      tokens, updated = last_block_tokens(self.backbone, variables, x, train=train, rngs=rngs)
+      return jnp.mean(tokens[:, 1:].astype(jnp.float32), axis=1), updated
+    out, updated = self.backbone.apply(variables, x, train=train, rngs=rngs, mutable=mutable)
+    updated = dict(updated)
     if self.features == "pooled" or "tokens" not in out:
-      feats = out["pooled"]
-    elif self.features == "cls":
-      feats = out["tokens"][:, 0]
-    else:
-      feats = jnp.mean(out["tokens"][:, 1:], axis=1)
-    logits = nn.Dense(self.num_classes, kernel_init=nn.initializers.truncated_normal(2e-5),
-                      param_dtype=jnp.float32, name="head")(feats.astype(jnp.float32))
-    return logits.astype(jnp.float32)
+      return out["pooled"].astype(jnp.float32), updated
+    tokens = out["tokens"].astype(jnp.float32)
+    return (tokens[:, 0] if self.features == "cls" else jnp.mean(tokens[:, 1:], axis=1)), updated
+
+  def apply(self, params: dict, state: dict, x: jax.Array, *, train: bool,
+            rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    feats, updated = self.features_of({"params": params["backbone"], **state}, x, train, rng)
+    logits = self.head.apply({"params": params["head"]}, feats)
+    return logits.astype(jnp.float32), ({**state, **updated} if updated else state)
 
 
 def smoothed_one_hot(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
@@ -117,130 +191,51 @@ def mixup_cutmix(rng: jax.Array, images: jax.Array, targets: jax.Array, mixup_al
   return mixed, lam * targets + (1.0 - lam) * targets[::-1]
 
 
-def make_finetune_optimizer(config: ml_collections.ConfigDict, num_layers: int, total_steps: int,
-                            steps: dict[str, int]
-                            ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW + warmup-cosine + layer decay from `config.optim` (see module docstring).
-
-  Args:
-    config: the fine-tune config (`optim` section with layer_decay).
-    num_layers: L, the backbone's number of transformer blocks.
-    total_steps: run length.
-    steps: `linear_eval.steps_of(...)` (its resolved warmup_steps is used).
-  """
-  cfg = linear_eval.optim_config(config, steps)
-  with cfg.unlocked():
-    cfg.num_layers = num_layers
-  return optim.make_optimizer(cfg, total_steps, config.train.batch_size)
+def backbone_of(config: ml_collections.ConfigDict) -> tuple[Any, dict, dict]:
+  """`config.backbone` with the fine-tuning drop path rate (`supervised.load_backbone`)."""
+  return supervised.load_backbone(
+      config.backbone, overrides={"drop_path_rate": float(config.model.drop_path_rate)})
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *, train_source=None, test_source=None,
-        backbone: tuple[Any, dict, dict] | None = None, mesh=None) -> dict:
-  """Fine-tunes backbone + head, evaluates, writes metrics.jsonl and finetune_summary.json.
-
-  Args: as `linear_eval.run` (`config` is `configs/finetune.py`).
-
-  Returns:
-    The summary dict {"top1", "top5", "step", ...}.
-  """
-  mesh = mesh or parallel.make_mesh()
-  if backbone is None:
-    bcfg = ml_collections.ConfigDict(config.backbone.to_dict())
-    with bcfg.unlocked():  # drop path is a fine-tuning setting of the pretrained architecture
-      bcfg.model.drop_path_rate = float(config.model.drop_path_rate)
-    backbone = linear_eval.load_backbone(bcfg)
-  module, variables, model = backbone
-  d = config.data
-  train_source = train_source or registry.get_source(d.source, **d.train_args.to_dict())
-  test_source = test_source or registry.get_source(d.source, **d.test_args.to_dict())
-  num_classes = int(d.get("num_classes", 0) or getattr(train_source, "num_classes", 0) or 0)
-  if num_classes <= 0:
-    raise ValueError("config.data.num_classes must be set (the source does not tell it)")
-  features = config.model.get("features", "") or ("cls" if "tokens" in jax.eval_shape(
-      lambda x: module.apply(variables, x, train=False),
-      jax.ShapeDtypeStruct((1, d.image_size, d.image_size, 3), jnp.float32)) else "pooled")
-  net = FineTuneModel(module, num_classes, features)
-  steps = linear_eval.steps_of(config, len(train_source))
-  total, steps_per_epoch = steps["total_steps"], steps["steps_per_epoch"]
-  bs = config.train.batch_size
-  if bs % mesh.size:
-    raise ValueError(f"config.train.batch_size={bs} is not divisible by the {mesh.size} devices")
-  num_layers = int(getattr(module, "depth", 0) or 0)
-  tx, schedule = make_finetune_optimizer(config, num_layers, total, steps)
-
-  rng = jax.random.PRNGKey(config.train.seed)
-  init_key, step_key = jax.random.split(rng)
-  dummy = jnp.zeros((1, d.image_size, d.image_size, 3), jnp.float32)
-  init_vars = net.init(init_key, dummy, train=False)
-  params = {**init_vars["params"], "backbone": variables["params"]}
-  batch_stats = ({"backbone": variables["batch_stats"]} if "batch_stats" in variables else {})
-  state = {"params": params, "batch_stats": batch_stats, "opt_state": tx.init(params)}
-  repl = parallel.replicated(mesh)
-  state = jax.device_put(state, repl)
-  smoothing, mix_a, cut_a = (config.train.label_smoothing, config.train.mixup_alpha,
-                             config.train.cutmix_alpha)
-
-  def eval_logits(s, images):
-    v = {"params": s["params"], **({"batch_stats": s["batch_stats"]} if s["batch_stats"] else {})}
-    return net.apply(v, normalize(jnp.asarray(images, jnp.float32) / 255.0), train=False)
-
-  def train_step(s, images, labels, step):
-    key = jax.random.fold_in(step_key, step)
-    k_mix, k_drop = jax.random.split(key)
-    x = normalize(images.astype(jnp.float32) / 255.0)
-    targets = smoothed_one_hot(labels, num_classes, smoothing)
-    x, targets = mixup_cutmix(k_mix, x, targets, mix_a, cut_a)
-
-    def loss_fn(params):
-      v = {"params": params, **({"batch_stats": s["batch_stats"]} if s["batch_stats"] else {})}
-      out = net.apply(v, x, train=True, rngs={"dropout": k_drop},
-                      mutable=["batch_stats"] if s["batch_stats"] else False)
-      logits, stats = out if s["batch_stats"] else (out, {})
-      stats = stats.get("batch_stats", s["batch_stats"]) if stats else s["batch_stats"]
-      return optax.softmax_cross_entropy(logits, targets).mean(), stats
-
-    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(s["params"])
-    updates, opt_state = tx.update(grads, s["opt_state"], s["params"])
-    return ({"params": optax.apply_updates(s["params"], updates), "batch_stats": stats,
-             "opt_state": opt_state}, loss)
-
-  train_step = jax.jit(train_step, donate_argnums=(0,), out_shardings=(repl, repl))
-  logits_fn = jax.jit(eval_logits)
-
-  def eval_now(s) -> dict[str, float]:
-    return linear_eval.evaluate(lambda im: logits_fn(s, im), test_source,
-                                image_size=d.image_size, batch_size=config.eval.batch_size,
-                                crop_fraction=d.crop_fraction, mesh=mesh,
-                                limit=config.eval.get("limit", 0))
-
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "finetune_config.json"), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
-  batches = linear_eval.train_batches(train_source, image_size=d.image_size, batch_size=bs,
-                                      seed=config.train.seed, scale=tuple(d.crop_scale))
-  eval_every = int(config.eval.get("every_epochs", 0) or 0) * steps_per_epoch
-  result: dict[str, float] = {}
+def make_protocol(config: ml_collections.ConfigDict, data: supervised.Data,
+                  backbone: tuple[Any, dict, dict] | None = None) -> supervised.Protocol:
+  """The fine-tuning protocol: backbone (with `config.model.drop_path_rate`) + head, all trained."""
+  module, variables, model = backbone or backbone_of(config)
   try:
-    for step in range(1, total + 1):
-      local = next(batches)
-      batch = parallel.global_batch({"image": local["image"], "label": local["label"]}, mesh)
-      state, loss = train_step(state, batch["image"], batch["label"], jnp.int32(step))
-      if not np.isfinite(float(loss)):
-        raise FloatingPointError(f"fine-tune loss is {float(loss)} at step {step}; lower "
-                                 "config.optim.base_lr")
-      if step % config.train.log_every_steps == 0 or step == total:
-        writer.write(step, {"finetune/train_loss": float(loss),
-                            "finetune/lr": float(schedule(step - 1)),
-                            "finetune/epoch": step / steps_per_epoch})
-      if step == total or (eval_every and step % eval_every == 0):
-        result = eval_now(state)
-        writer.write(step, {f"finetune/{k}": float(v) for k, v in result.items()})
-  finally:
-    writer.close()
-  summary = {**{k: float(v) for k, v in result.items()}, "step": total,
-             "epochs": total / steps_per_epoch, "features": features, "model": model,
-             "num_layers": num_layers, "num_train": len(train_source),
-             "num_test": len(test_source)}
-  linear_eval.write_summary(workdir, SUMMARY_FILE, summary)
-  return summary
+    net = FineTuneModel(module, data.num_classes, config.model.features)
+  except ValueError as e:
+    raise supervised.ConfigError(str(e)) from e
+  t = config.train
+  smoothing, mixup_alpha, cutmix_alpha = (float(t.label_smoothing), float(t.mixup_alpha),
+                                          float(t.cutmix_alpha))
+
+  def init(rng):
+    return net.init(rng, variables, int(config.data.image_size))
+
+  def loss_fn(params, state, constants, batch, rng):
+    del constants
+    k_view, k_mix, k_drop = jax.random.split(rng, 3)
+    # Step 1) the view's device half: normalise, random erasing.
+    x = supervised.train_images(config, k_view, batch)
+    # Step 2) smoothed one-hot targets, mixed with the reversed batch by mixup or cutmix.
+    targets = smoothed_one_hot(batch["label"], data.num_classes, smoothing)
+    x, targets = mixup_cutmix(k_mix, x, targets, mixup_alpha, cutmix_alpha)
+    # Step 3) forward in train mode (drop path, BN batch statistics), soft-target cross-entropy.
+    logits, state = net.apply(params, state, x, train=True, rng=k_drop)
+    return optax.softmax_cross_entropy(logits, targets).mean(), (state, {})
+
+  def logits_fn(params, state, constants, images):
+    del constants
+    return net.apply(params, state, supervised.views.eval_images(images), train=False)[0]
+
+  tx, schedule = supervised.make_optimizer(config, data)
+  return supervised.Protocol(
+      name=NAME, init=init, loss_fn=loss_fn, logits_fn=logits_fn, tx=tx, schedule=schedule,
+      view=supervised.train_view(config),
+      summary={"features": net.features, "model": model})
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> dict:
+  """Fine-tunes backbone + head (resuming from `workdir`), evaluates, writes metrics.jsonl and
+  finetune_summary.json: `supervised.run` with this protocol (keywords as `linear_eval.run`)."""
+  return supervised.run(config, workdir, make_protocol, backbone_of, **kwargs)

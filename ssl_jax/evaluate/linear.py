@@ -14,8 +14,9 @@ L2 term (wd/2)·|W|² of the objective.
 The multi-layer protocol (MaskCo's appendix, after Goyal et al. 2019 / OpenSelfSup) trains one
 probe per ResNet stage conv1…conv5 on adaptively average-pooled maps of ~9k dimensions.
 
-This is the feature-level probe: features are extracted once without augmentation. The full
-augmented protocol (random-resized-crop training through the frozen encoder) lives elsewhere.
+This is the feature-level probe: features are extracted once without augmentation (the
+evaluators of a pretraining run). The image-level protocols, trained on augmented views through
+the frozen encoder, are `ssl_jax.evaluate.linear_eval` (which reuses the pooling here).
 """
 from __future__ import annotations
 
@@ -212,6 +213,60 @@ def adaptive_avg_pool(x: jax.Array, size: int) -> jax.Array:
     return m
 
   return jnp.einsum("ih,bhwc,jw->bijc", pool_matrix(x.shape[1]), x, pool_matrix(x.shape[2]))
+
+
+# OpenSelfSup's `MultiPooling(pool_type="specified")` for ResNet-50 (MaskCo's multi-layer
+# protocol): AvgPool2d(kernel, stride, padding) per stage, giving 12, 6, 4, 3, 2 cells at 224 px.
+OPENSELFSUP_POOLS = {"conv1": (10, 10, 4), "conv2": (16, 8, 0), "conv3": (13, 5, 0),
+                     "conv4": (8, 3, 0), "conv5": (6, 1, 0)}
+
+
+def specified_avg_pool(x: jax.Array, kernel: int, stride: int, padding: int) -> jax.Array:
+  """PyTorch `AvgPool2d(kernel, stride, padding)` (count_include_pad, floor mode) on NHWC.
+
+  Each output cell is the sum over its kernel×kernel window of the zero-padded map divided by
+  kernel² (padded zeros count, PyTorch's default).
+
+  Args:
+    x: [B, H, W, C] float.
+    kernel, stride, padding: square window, step and symmetric zero padding.
+
+  Returns:
+    [B, (H + 2p − k) // s + 1, (W + 2p − k) // s + 1, C].
+  """
+  if kernel > min(x.shape[1], x.shape[2]) + 2 * padding:
+    raise ValueError(f"specified_avg_pool: kernel {kernel} (padding {padding}) is larger than the "
+                     f"{x.shape[1]}x{x.shape[2]} map; use the adaptive pool at this resolution")
+  summed = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, kernel, kernel, 1),
+                                 (1, stride, stride, 1),
+                                 ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  return summed / float(kernel * kernel)
+
+
+def resnet_stage_maps(module, variables: Mapping[str, Any], x: jax.Array) -> dict[str, jax.Array]:
+  """Eval-mode ResNet maps conv1…conv5 of normalised images, conv1 *before* the stem's max-pool.
+
+  conv1 is ReLU(bn1(conv1(x))), the map OpenSelfSup's ResNet returns for `out_indices=0` (at
+  224 px: 112×112), read from the stem's batch norm (flax `capture_intermediates`); conv2…conv5
+  are the residual stages. With `small_image_stem` (no max-pool) conv1 is the stem output.
+
+  Args:
+    module: a `ssl_jax.models.resnet.ResNet`. variables: its variables.
+    x: [B, H, W, 3] float, normalised.
+
+  Returns:
+    {"conv1": [B, H/2, W/2, C1], "conv2": …, "conv5": [B, H/32, W/32, C5]} (H/1 … H/8 for the
+    small stem).
+  """
+  out, captured = module.apply(variables, x, train=False, mutable=["intermediates"],
+                               capture_intermediates=lambda mdl, method: (
+                                   mdl.name == "bn1" and method == "__call__"))
+  if "stages" not in out:
+    raise ValueError("resnet_stage_maps needs a ResNet backbone (stage maps); got outputs "
+                     f"{sorted(out)}")
+  maps = {"conv1": jax.nn.relu(captured["intermediates"]["bn1"]["__call__"][0])}
+  maps.update({f"conv{i + 2}": stage for i, stage in enumerate(out["stages"])})
+  return maps
 
 
 def multilayer_features(outputs: Mapping[str, Any],

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from ssl_jax import losses, optim
 from ssl_jax.methods import base
 from ssl_jax.models.heads import MLP
+from ssl_jax.ops import queue as queue_lib
 
 def validate(config) -> None:
   a = config.method_args
@@ -65,9 +66,8 @@ def make(config) -> base.Method:
     state = {"batch_stats": stats,
              "target": base.init_target(params, stats)}
     if not v3:  # random unit keys, as the official queue initialisation
-      queue = jax.random.normal(queue_rng, (a.queue_size, a.projector_dim), jnp.float32)
-      state["queue"] = losses.l2_normalize(queue)
-      state["queue_ptr"] = jnp.zeros((), jnp.int32)
+      state["queue"], state["queue_ptr"] = queue_lib.init_queue(queue_rng, a.queue_size,
+                                                                a.projector_dim)
     return params, state
 
   def keys(target, x):
@@ -95,10 +95,8 @@ def make(config) -> base.Method:
       out, stats = base.apply_train(net, params, stats, x[:, 0], method=base.SiameseNet.project)
       k, target = keys(target, x[:, 1])
       loss = losses.info_nce(out["z"], k, a.temperature, negatives=state["queue"])
-      ptr = state["queue_ptr"]
-      queue = jax.lax.dynamic_update_slice(state["queue"], losses.l2_normalize(k), (ptr, 0))
-      new_state = {"batch_stats": stats, "target": target, "queue": queue,
-                   "queue_ptr": (ptr + k.shape[0]) % a.queue_size}
+      queue, ptr = queue_lib.enqueue(state["queue"], state["queue_ptr"], k)
+      new_state = {"batch_stats": stats, "target": target, "queue": queue, "queue_ptr": ptr}
       h = out["h"]
     metrics = {"info_nce": loss, "features": jax.lax.stop_gradient(h)}
     return loss, (new_state, metrics)

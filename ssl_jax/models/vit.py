@@ -10,8 +10,15 @@ from the input resolution; "sincos" is the fixed 2-D sin-cos table of MoCo v3 / 
 call time and *not* a parameter (so no optimizer, weight decay or EMA ever touches it); export
 writes it out as timm's `pos_embed`.
 
-Masked methods (MAE, Masked MoCo/BYOL, ccMIM) pass `keep_indices` [B, K]: the chosen patch tokens,
-after their position embedding is added, enter the blocks together with the CLS token.
+Masked methods pass per-call inputs (none of them adds a parameter, so the backbone exports as is):
+  * `keep_indices` [B, K] (MAE, ccMIM): the chosen patch tokens, after their position embedding
+    is added, enter the blocks together with the CLS token.
+  * `keep_indices` [B, n, K] (Masked MoCo/BYOL chunks, `ops.patches.chunk_indices`): B·n
+    independent sequences, each with its own CLS token; the patch embedding runs once.
+  * `token_mask` [B, N] with `mask_token` [D] (SimMIM, MimCo): masked patch embeddings are
+    replaced by the method's mask token before the position embedding is added.
+  * `return_attention` "cls_key" / "cls_query": per-block CLS attention for ccMIM's importance
+    (`ops.patches.attention_importance`).
 
 Initialisation follows MAE / timm: xavier-uniform Dense layers with zero bias, the patch
 projection xavier-uniform on its [p·p·3, D] view, CLS token normal(0.02).
@@ -25,6 +32,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ssl_jax.ops import patches
 
 LN_EPSILON = 1e-6
 dense_init = nn.initializers.xavier_uniform()
@@ -112,8 +121,10 @@ class Attention(nn.Module):
     # timm: qkv(x).reshape(B, T, 3, heads, hd): keep that order so export is a transpose.
     qkv = dense(3 * d, use_bias=self.qkv_bias, name="qkv")(x).reshape(b, t, 3, self.num_heads, hd)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * hd**-0.5
-    attn = jax.nn.softmax(logits, axis=-1)  # float32 softmax, also under bf16 compute
+    # Logits leave the matmul in float32 (bf16 operands, no bf16 rounding of q·k) and the softmax
+    # runs in float32, also under bf16 compute.
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * hd**-0.5
+    attn = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("bhqk,bkhd->bqhd", attn.astype(self.dtype), v).reshape(b, t, d)
     return dense(d, name="proj")(out), attn
 
@@ -181,30 +192,71 @@ class VisionTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool, keep_indices: Optional[jax.Array] = None,
-               return_attention: bool = False) -> dict:
-    """x: [B, H, W, 3] float; keep_indices: [B, K] int32 patch indices (row-major) or None.
+               token_mask: Optional[jax.Array] = None, mask_token: Optional[jax.Array] = None,
+               return_attention: bool | str = False) -> dict:
+    """Encode images, optionally a subset or chunks of their patches, optionally masked.
 
-    Returns dict(pooled [B, D] float32, tokens [B, 1+K, D] (after the final norm; K = N without
-    keep_indices), feature_map [B, H/p, W/p, D] (only without keep_indices), and with
-    return_attention cls_attention [depth, B, heads, K] float32: the CLS query's softmax attention
-    over the patch keys in each block (the CLS key's share is left out, so a row sums to ≤ 1)).
+    Args:
+      x: [B, H, W, 3] float images.
+      train: enables stochastic depth (needs the "dropout" rng when drop_path_rate > 0).
+      keep_indices: None (all N patches); [B, K] int patch indices (row-major) to keep; or
+        [B, n, K] chunks: each of the B·n chunks is its own sequence [CLS, K patches] (no
+        attention across chunks). The patches are embedded and given their positions once,
+        [B, N, D], then gathered; stochastic depth then drops per chunk (per sequence).
+      token_mask: optional [B, N] bool, True = masked (SimMIM): those patch embeddings are
+        replaced by `mask_token` before the position embedding is added (SimMIM's
+        `VisionTransformerForSimMIM.forward`: mask, then CLS, then `+ pos_embed`). Combines with
+        keep_indices (masking happens first).
+      mask_token: [D] float, required with token_mask: the method's parameter (not the
+        backbone's, so the backbone exports to timm unchanged); cast to the compute dtype.
+      return_attention: False; "cls_query" (True means the same) = attn[b, h, 0, 1 + i], the CLS
+        query's softmax attention over the patch keys, a row summing to ≤ 1 (the CLS key's share
+        is left out; ccMIM paper Eq. 4's direction); or "cls_key" = attn[b, h, 1 + i, 0], patch
+        query i's softmax attention to the CLS key, each entry in [0, 1] (what the official
+        ccMIM code reads, `avg_attn[:, 1:, 0]`).
+
+    Returns:
+      dict with
+        pooled: [B, D] float32 ([B, n, D] with chunks): the normed CLS token, or the mean of the
+          normed patch tokens (pool="mean").
+        tokens: [B, 1+K, D] ([B, n, 1+K, D] with chunks; K = N without keep_indices), after the
+          final norm, CLS first, patches in keep_indices order.
+        feature_map: [B, H/p, W/p, D], only without keep_indices.
+        cls_attention: with return_attention, [depth, B, heads, K] ([depth, B, n, heads, K] with
+          chunks) float32 in the requested direction.
     """
     if self.pool not in ("cls", "mean"):
       raise ValueError(f"VisionTransformer.pool={self.pool!r} must be 'cls' or 'mean'")
     if self.pos_embed not in ("learned", "sincos"):
       raise ValueError(f"VisionTransformer.pos_embed={self.pos_embed!r} must be 'learned' or "
                        "'sincos'")
+    direction = {False: None, True: "cls_query", "cls_query": "cls_query",
+                 "cls_key": "cls_key"}.get(return_attention, "invalid")
+    if direction == "invalid":
+      raise ValueError(f"return_attention={return_attention!r} must be False, True, 'cls_query' "
+                       "or 'cls_key'")
     b, height, width, _ = x.shape
     p, d = self.patch_size, self.embed_dim
     if height % p or width % p:
       raise ValueError(f"image size {height}x{width} is not divisible by patch_size={p}")
     grid = (height // p, width // p)
     n = grid[0] * grid[1]
+    if (token_mask is None) != (mask_token is None):
+      raise ValueError("token_mask and mask_token go together: pass both (SimMIM) or neither")
+    if token_mask is not None and (token_mask.shape != (b, n) or mask_token.shape != (d,)):
+      raise ValueError(f"token_mask must be [B, N] = {(b, n)} and mask_token [D] = {(d,)}, got "
+                       f"{token_mask.shape} and {mask_token.shape}")
+    if keep_indices is not None and (keep_indices.ndim not in (2, 3)
+                                     or keep_indices.shape[0] != b):
+      raise ValueError(f"keep_indices must be [B, K] or [B, n, K] with B={b}, got shape "
+                       f"{keep_indices.shape}")
 
     x = jnp.asarray(x, self.dtype)
     x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", kernel_init=patch_init,
                 dtype=self.dtype, param_dtype=jnp.float32, name="patch_embed")(x)
     x = x.reshape(b, n, d)
+    if token_mask is not None:
+      x = jnp.where(token_mask[:, :, None], jnp.asarray(mask_token, self.dtype), x)
     cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, d), jnp.float32)
     if self.pos_embed == "learned":
       if self.has_variable("params", "pos_embed"):
@@ -217,9 +269,12 @@ class VisionTransformer(nn.Module):
     else:
       pos = jnp.asarray(sincos_pos_embed(d, grid))
     x = x + pos[:, 1:].astype(self.dtype)
+    chunks = keep_indices is not None and keep_indices.ndim == 3
     if keep_indices is not None:
-      x = jnp.take_along_axis(x, keep_indices[:, :, None].astype(jnp.int32), axis=1)
-    cls = jnp.broadcast_to((cls + pos[:, :1]).astype(self.dtype), (b, 1, d))
+      x = patches.gather_patches(x, keep_indices)       # [B, K, D] or [B, n, K, D]
+      x = x.reshape(-1, x.shape[-2], d)                 # sequences [B or B·n, K, D]
+    seqs = x.shape[0]
+    cls = jnp.broadcast_to((cls + pos[:, :1]).astype(self.dtype), (seqs, 1, d))
     x = jnp.concatenate([cls, x], axis=1)
 
     rates = np.linspace(0.0, self.drop_path_rate, self.depth)
@@ -227,16 +282,23 @@ class VisionTransformer(nn.Module):
     for i in range(self.depth):
       x, attn = Block(self.num_heads, self.mlp_ratio, self.qkv_bias, float(rates[i]), self.dtype,
                       name=f"blocks_{i}")(x, train=train)
-      if return_attention:
+      if direction == "cls_query":
         cls_attention.append(attn[:, :, 0, 1:])
+      elif direction == "cls_key":
+        cls_attention.append(attn[:, :, 1:, 0])
     tokens = nn.LayerNorm(epsilon=LN_EPSILON, dtype=self.dtype, param_dtype=jnp.float32,
                           name="norm")(x)
-    pooled = tokens[:, 0] if self.pool == "cls" else jnp.mean(tokens[:, 1:], axis=1)
+    pooled = (tokens[:, 0] if self.pool == "cls"
+              else jnp.mean(tokens[:, 1:].astype(jnp.float32), axis=1))
     out = {"pooled": pooled.astype(jnp.float32), "tokens": tokens}
     if keep_indices is None:
       out["feature_map"] = tokens[:, 1:].reshape(b, grid[0], grid[1], d)
-    if return_attention:
-      out["cls_attention"] = jnp.stack(cls_attention)
+    if direction is not None:
+      out["cls_attention"] = jnp.stack(cls_attention)   # [depth, seqs, heads, K]
+    if chunks:
+      num_chunks = keep_indices.shape[1]
+      out = {k: (v.reshape(v.shape[:1] + (b, num_chunks) + v.shape[2:]) if k == "cls_attention"
+                 else v.reshape((b, num_chunks) + v.shape[1:])) for k, v in out.items()}
     return out
 
 

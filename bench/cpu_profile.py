@@ -3,18 +3,21 @@
   .venv/bin/python bench/cpu_profile.py                                  # BYOL, ResNet-18, 64 px
   .venv/bin/python bench/cpu_profile.py --method=mocov3 --model=vit_small --image_size=96
   .venv/bin/python bench/cpu_profile.py --compare='{"xla_cpu_use_onednn": true}'
+  .venv/bin/python bench/cpu_profile.py --conv_policies=auto,lax --no_profile   (before/after #16)
 
 The step is `train.build`'s jitted step of `--method` (its own views and heads; BlockSource
 images), compiled once per variant: the default XLA options and each `--compare` JSON dict of
-XLA debug options (passed as `compile(compiler_options=...)`, so all variants live in one
-process and are timed in alternation: A, B, A, B, ...; the best of `--steps` each).
+XLA debug options (passed as `compile(compiler_options=...)`), for each of `--conv_policies`
+(`auto`: the library's choice of convolutions run as matmuls; `lax`: every convolution through
+`lax.conv_general_dilated`, the model before issue 16; `matmul`: every one as a matmul). All
+variants live in one process and are timed in alternation (A, B, A, B, ...; best of `--steps`).
 The first variant is then run under `jax.profiler` and every thunk's time is attributed to its
-HLO instruction, grouped by kind (convolution forward / input-gradient / weight-gradient, dot,
+HLO instruction, grouped by kind (convolution forward / input gradient / weight gradient, dot,
 fusions, copies) and by the Flax module (or function) its `op_name` metadata names.
 
-Prints step seconds, XLA GFLOP per step, the ratio to a 2048³ f32 matmul timed in the same run,
-the time per group and the top ops. Op times are summed over XLA's threads (2 on this machine),
-so they can add up to more than the wall time.
+Prints seconds per step, the model's GFLOP per step (XLA's count with plain convolutions), the
+ratio to a 2048³ f32 matmul timed in the same run, the time per group and the top ops. Op times
+are summed over XLA's threads (2 on this machine), so they can add up to more than the wall time.
 """
 from __future__ import annotations
 
@@ -304,6 +307,13 @@ def print_table(title: str, rows: dict[str, float], total: float, limit: int = 2
     print(f"  {name:48s} {sec:8.3f}  {sec / total:6.1%}")
 
 
+CONV_POLICIES = {
+    "auto": None,  # ssl_jax.models.conv.use_matmul
+    "lax": lambda *_: False,  # every convolution through lax.conv_general_dilated (before #16)
+    "matmul": lambda *_: True,  # every convolution as im2col + matmul
+}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--method", default="byol")
@@ -317,6 +327,9 @@ def main():
   parser.add_argument("--steps", type=int, default=3, help="timed steps per variant")
   parser.add_argument("--compare", action="append", default=[],
                       help="JSON dict of XLA options compiled as a second variant (repeatable)")
+  parser.add_argument("--conv_policies", default="auto",
+                      help=f"comma-separated, of {sorted(CONV_POLICIES)}: which convolutions "
+                           "run as matmuls (auto: the library's choice); each is a variant")
   parser.add_argument("--no_profile", action="store_true")
   parser.add_argument("--scope_depth", type=int, default=2)
   parser.add_argument("--top", type=int, default=15)
@@ -325,31 +338,37 @@ def main():
   model = {"name": args.model, **json.loads(args.model_args)}
   print(f"{machine_load()}; jax {jax.__version__}, devices {jax.devices()}")
   print(f"{args.method}, {model}, {args.image_size} px, batch {args.batch}")
-  bench = StepBench(args.method, model, args.image_size, args.batch, json.loads(args.method_args),
-                    views=args.views)
-  variants = {"default": {}}
+  options = {"default": {}}
   for c in args.compare:
-    variants[c] = json.loads(c)
-  fns, compiled = {}, {}
-  for name, options in variants.items():
-    t = time.perf_counter()
-    fns[name], compiled[name] = bench.runner(options)
-    print(f"compiled {name}: {time.perf_counter() - t:.1f} s")
+    options[c] = json.loads(c)
+  fns, compiled, benches = {}, {}, {}
+  for policy in args.conv_policies.split(","):
+    bench = benches[policy] = StepBench(args.method, model, args.image_size, args.batch,
+                                        json.loads(args.method_args), views=args.views,
+                                        use_matmul=CONV_POLICIES[policy])
+    for opt_name, opts in options.items():
+      name = opt_name if policy == "auto" else f"convs {policy}, {opt_name}"
+      t = time.perf_counter()
+      fns[name], compiled[name] = bench.runner(opts)
+      print(f"compiled {name}: {time.perf_counter() - t:.1f} s")
+  first = next(iter(fns))
+  bench = next(iter(benches.values()))
+  gflop = bench.reference_flops() / 1e9
   mm = matmul_gflops()
   best = interleaved_best(fns, args.steps)
   mm = max(mm, matmul_gflops())
-  gflop = bench.flops / 1e9
-  print(f"\nmatmul 2048³ f32: {mm:.1f} GFLOP/s; step: {gflop:.2f} GFLOP (XLA)")
+  print(f"\nmatmul 2048³ f32: {mm:.1f} GFLOP/s; step: {gflop:.2f} GFLOP (XLA, plain convolutions)"
+        f"; {machine_load()}")
   for name, sec in best.items():
     print(f"  {name:40s} {sec:7.3f} s/step  {gflop / sec:7.1f} GFLOP/s  "
-          f"ratio to matmul {gflop / sec / mm:.3f}  (time vs default {sec / best['default']:.2f})")
+          f"ratio to matmul {gflop / sec / mm:.3f}  (time vs {first}: {sec / best[first]:.2f})")
   if args.no_profile:
     return
-  per_op, wall = profile_ops(fns["default"], max(1, args.steps - 1))
-  kinds, scopes, ops = breakdown(per_op, compiled["default"].as_text(), bench.param_shapes,
+  per_op, wall = profile_ops(fns[first], max(1, args.steps - 1))
+  kinds, scopes, ops = breakdown(per_op, compiled[first].as_text(), bench.param_shapes,
                                  args.scope_depth)
   total = sum(kinds.values())
-  print(f"\nprofiled default: {wall:.3f} s/step wall, {total:.3f} s/step summed over ops")
+  print(f"\nprofiled {first}: {wall:.3f} s/step wall, {total:.3f} s/step summed over ops")
   print_table("by op kind", kinds, total)
   print_table(f"by scope (depth {args.scope_depth})", scopes, total, limit=25)
   print(f"\ntop {args.top} ops")

@@ -10,8 +10,11 @@ model's own convolutions (`cpu_profile.StepBench.reference_flops`: the im2col re
 `ssl_jax.models.conv` also multiplies padding zeros, which would flatter the figure); the
 reference rate is the best of a 2048³ matmul in `--dtype` timed before and after the step.
 Goals on CPU (issue 16): ViT-S >= 0.7, ResNet-18 at 64 px >= 0.3, ResNet-50 at 224 px >= 0.4.
+For a case below its goal, the step is then profiled (bench/cpu_profile.py: every thunk's time
+attributed to its HLO instruction) and its share of time per op kind is printed under the table:
+where the time goes that the matmul rate does not explain (`--no_profile` skips it).
 Only the ratio is comparable between machines; bench/README.md has measured tables and the
-profiles behind them (bench/cpu_profile.py).
+profiles behind them.
 """
 from __future__ import annotations
 
@@ -57,7 +60,7 @@ def matmul_gflops(dtype, n: int = 2048, repeats: int = 5) -> float:
 def measure(name: str, steps: int, dtype: str) -> dict:
   method, model, size, batch, goal = CASES[name]
   bench = cpu_profile.StepBench(method, model, size, batch, extra_config={"dtype": dtype})
-  run, _ = bench.runner()
+  run, compiled = bench.runner()
   gflop = bench.reference_flops() / 1e9
   mm_dtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
   mm = matmul_gflops(mm_dtype)
@@ -65,7 +68,16 @@ def measure(name: str, steps: int, dtype: str) -> dict:
   mm = max(mm, matmul_gflops(mm_dtype))
   return {"name": name, "method": method, "model": model["name"], "size": size, "batch": batch,
           "gflop": gflop, "seconds": best, "gflops": gflop / best, "matmul": mm,
-          "ratio": gflop / best / mm, "goal": goal}
+          "ratio": gflop / best / mm, "goal": goal, "run": run, "compiled": compiled,
+          "bench": bench}
+
+
+def profile_kinds(r: dict, steps: int, top: int = 6) -> str:
+  """'conv wgrad 31% · dot 22% · ...': the step's time per op kind (summed over threads)."""
+  per_op, _ = cpu_profile.profile_ops(r["run"], steps)
+  kinds, _, _ = cpu_profile.breakdown(per_op, r["compiled"].as_text(), r["bench"].param_shapes)
+  total = sum(kinds.values())
+  return " · ".join(f"{k} {v / total:.0%}" for k, v in kinds.most_common(top))
 
 
 def main():
@@ -73,12 +85,15 @@ def main():
   parser.add_argument("--cases", default=None, help=f"comma-separated, of {sorted(CASES)}")
   parser.add_argument("--steps", type=int, default=3, help="timed steps (best is kept)")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--no_profile", action="store_true",
+                      help="do not profile the cases below their goal")
   args = parser.parse_args()
   platform = jax.default_backend()
   cases = args.cases or (CPU_CASES if platform == "cpu" else "vitb_224,r50_224")
   print(f"{cpu_profile.machine_load()}; devices {jax.devices()}; {args.dtype}")
   print(f"{'case':10s} {'step':28s} {'GFLOP':>8s} {'s/step':>8s} {'GFLOP/s':>8s} "
         f"{'matmul':>8s} {'ratio':>6s}  goal")
+  unmet = []
   for name in cases.split(","):
     r = measure(name, args.steps, args.dtype)
     goal = "" if r["goal"] is None or platform != "cpu" else (
@@ -86,7 +101,14 @@ def main():
     what = f"{r['method']} {r['model']} {r['size']}px b{r['batch']}"
     print(f"{name:10s} {what:28s} {r['gflop']:8.1f} {r['seconds']:8.3f} {r['gflops']:8.1f} "
           f"{r['matmul']:8.1f} {r['ratio']:6.2f}  {goal}", flush=True)
+    if "NOT" in goal and not args.no_profile:
+      unmet.append((name, profile_kinds(r, max(1, args.steps - 1))))
+    del r  # frees the compiled step and its state before the next case
   print(cpu_profile.machine_load())
+  if unmet:
+    print("\nbelow goal; time per op kind of the profiled step (bench/README.md says why):")
+    for name, kinds in unmet:
+      print(f"  {name:10s} {kinds}")
 
 
 if __name__ == "__main__":

@@ -77,7 +77,8 @@ def profile_kinds(r: dict, steps: int, top: int = 6) -> str:
   per_op, _ = cpu_profile.profile_ops(r["run"], steps)
   kinds, _, _ = cpu_profile.breakdown(per_op, r["compiled"].as_text(), r["bench"].param_shapes)
   total = sum(kinds.values())
-  return " · ".join(f"{k} {v / total:.0%}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])[:top])
+  ranked = sorted(kinds.items(), key=lambda kv: -kv[1])[:top]
+  return " · ".join(f"{k} {v / total:.0%}" for k, v in ranked)
 
 
 def main():

@@ -36,6 +36,8 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ssl_jax.models import conv as conv_lib
+
 # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"), an untruncated normal.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -48,7 +50,7 @@ def _conv(features: int, kernel: int, stride: int, name: str, dtype: Any,
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((pad, pad), (pad, pad)), kernel_dilation=(dilation, dilation),
                  use_bias=False, kernel_init=conv_init, dtype=dtype, param_dtype=jnp.float32,
-                 name=name)
+                 conv_general_dilated=conv_lib.conv_general_dilated, name=name)
 
 
 def batch_norm(train: bool, momentum: float = 0.9, epsilon: float = 1e-5,

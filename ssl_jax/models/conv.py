@@ -7,8 +7,8 @@ the kernel, reshaped to [kh·kw·Cin, Cout], with the stacked shifted views of t
 ("im2col", [B, Ho, Wo, kh·kw·Cin] in the kernel's (row, column, channel) order):
 
 - 1×1 kernels: the im2col is just a strided slice, and the product is a plain matmul. XLA:CPU
-  runs a 1×1 convolution and its two gradients 2–8× slower than the same matmul
-  (bench/README.md, "1×1 convolutions").
+  runs a 1×1 convolution and its two gradients up to 2× (ResNet-18 shapes) and on other shapes
+  up to 8× slower than the same matmul (bench/README.md, "1×1 convolutions").
 - Kernels with more taps than the input or the output (kh·kw > H·W or > Ho·Wo, e.g. a 3×3 conv
   on ResNet-18's 2×2 last stage at 64 px, or a 16×16 patch embedding with fewer than 256
   patches): XLA's algebraic simplifier then swaps the convolution's operands

@@ -389,7 +389,7 @@ def detcon_config(method: str, args: dict[str, Any]) -> ConfigDict:
       # standard stem gave 2 x 2 and 2 masks, i.e. BYOL). Width 8 keeps 400 steps of batch 32
       # within minutes; peak lr 0.4 x 32/256 = 0.05 (kNN after 400 steps: lr 0.05 0.49,
       # 0.2 0.33, 1.0 0.36 from 0.42 at init, one seed each, 2026-12-02).
-      c.model = ConfigDict({"name": "resnet18", "width": 8, "small_image_stem": True})
+      c.model.width, c.model.small_image_stem = 8, True
       c.data.image_size = 56
       c.train.batch_size = 32
       c.train.num_epochs = 20.0  # 640 crops: 20 steps per epoch

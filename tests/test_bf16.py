@@ -142,6 +142,9 @@ def _flops(eqn) -> int:
   return 2 * out * math.prod(rhs[d] for d in rhs_spec[1:])
 
 
+SHAPE_ONLY = ("reshape", "squeeze", "transpose", "expand_dims", "broadcast_in_dim")
+
+
 def _kernels_entering_matmuls(closed, abstract_ts):
   """(kernels, via_bf16, as_float32): the jaxpr variables of the Dense/Conv kernels in
   `params`, those cast to bf16 right before a dot_general/conv, and those a dot/conv reads as
@@ -151,16 +154,24 @@ def _kernels_entering_matmuls(closed, abstract_ts):
   paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(abstract_ts)]
   kernels = {body.invars[i] for i, p in enumerate(paths)
              if p.startswith("['params']") and p.endswith("['kernel']")}
-  cast_of = {}  # bf16 copy -> kernel
+  # A kernel may be reshaped before or after its cast (convolutions run as one matmul,
+  # ssl_jax.models.conv): shape-only ops carry a variable's origin along.
+  reshaped = {k: k for k in kernels}  # float32 kernel (or a reshape of it) -> kernel
+  cast_of = {}  # bf16 copy (or a reshape of it) -> kernel
   via_bf16, as_float32 = set(), set()
   for eqn in body.eqns:
     ins = [v for v in eqn.invars if isinstance(v, jex_core.Var)]
-    if (eqn.primitive.name == "convert_element_type" and ins and ins[0] in kernels
-        and eqn.params["new_dtype"] == jnp.bfloat16):
-      cast_of[eqn.outvars[0]] = ins[0]
-    elif eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+    name = eqn.primitive.name
+    if name in SHAPE_ONLY and ins and ins[0] in reshaped:
+      reshaped[eqn.outvars[0]] = reshaped[ins[0]]
+    elif name in SHAPE_ONLY and ins and ins[0] in cast_of:
+      cast_of[eqn.outvars[0]] = cast_of[ins[0]]
+    elif (name == "convert_element_type" and ins and ins[0] in reshaped
+          and eqn.params["new_dtype"] == jnp.bfloat16):
+      cast_of[eqn.outvars[0]] = reshaped[ins[0]]
+    elif name in ("dot_general", "conv_general_dilated"):
       via_bf16 |= {cast_of[v] for v in ins if v in cast_of}
-      as_float32 |= {v for v in ins if v in kernels}
+      as_float32 |= {reshaped[v] for v in ins if v in reshaped}
   return kernels, via_bf16, as_float32
 
 

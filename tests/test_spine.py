@@ -180,7 +180,7 @@ def _cli(*args, timeout=300):
     (["--config=configs/byol.py:test", "--config.train.batch_size=-3"],
      "error: config.train.batch_size=-3 must be positive"),
     (["--config=configs/detcon_b.py:demoo"],
-     "error: config variant 'demoo' is unknown; known variants: coco, demo, epochs, grid, test"),
+     "error: config variant 'demoo' is unknown; known variants: coco, demo, epochs, fh_scale, grid, test"),
     (["--config=configs/byol.py", "--config.data.source_args.data_dir=/nonexistent_ssl_jax"],
      "error: tfds dataset 'imagenet2012' is not prepared"),
     (["--config=configs/detcon_b.py"], "error: config.data.source='fh_masks':"),

@@ -35,12 +35,18 @@ def resolve(path) -> epath.Path:
 
 def check_workdir(workdir) -> str:
   """Creates `workdir` and checks it is writable (a probe file written and removed), so a bad
-  bucket fails in one line before anything is compiled. Returns it as a string (local: absolute)."""
+  bucket fails in one line before anything is compiled. Returns it as a string (local: absolute).
+
+  A bucket path is not "created": object stores have no folders, and gcsfs's makedirs
+  (`_mkdir(create_parents=True)`) sends a create request for a missing *bucket*, so a typo in
+  the bucket name would make a new bucket wherever the credentials allow it; writing the probe
+  object into a missing bucket fails instead.""
   if not workdir:
     raise WorkdirError("--workdir is empty")
   path = resolve(workdir)
   try:
-    path.mkdir(parents=True, exist_ok=True)
+    if not is_remote(workdir):
+      path.mkdir(parents=True, exist_ok=True)
     probe = path / f".write_check_{uuid.uuid4().hex}"
     probe.write_text("")
     probe.unlink()

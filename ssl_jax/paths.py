@@ -40,7 +40,7 @@ def check_workdir(workdir) -> str:
   A bucket path is not "created": object stores have no folders, and gcsfs's makedirs
   (`_mkdir(create_parents=True)`) sends a create request for a missing *bucket*, so a typo in
   the bucket name would make a new bucket wherever the credentials allow it; writing the probe
-  object into a missing bucket fails instead.""
+  object into a missing bucket fails instead."""
   if not workdir:
     raise WorkdirError("--workdir is empty")
   path = resolve(workdir)

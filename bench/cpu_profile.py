@@ -42,10 +42,10 @@ import numpy as np  # noqa: E402
 # Building and timing steps (bench/mfu.py uses these too).
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-  """GFLOP/s of an n×n×n f32 matmul on the default device (best of `repeats`)."""
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+def matmul_gflops(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> float:
+  """GFLOP/s of an n×n×n matmul in `dtype` on the default device (best of `repeats`)."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
   f = jax.jit(lambda x, y: x @ y)
   jax.block_until_ready(f(a, b))
   best = float("inf")

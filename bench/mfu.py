@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -44,28 +43,15 @@ CASES = {
 CPU_CASES = "r18_64,r18_224,r50_224,vits_96,vits_224"
 
 
-def matmul_gflops(dtype, n: int = 2048, repeats: int = 5) -> float:
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
-  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
-  f = jax.jit(lambda x, y: x @ y)
-  jax.block_until_ready(f(a, b))
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(f(a, b))
-    best = min(best, time.perf_counter() - t)
-  return 2 * n**3 / best / 1e9
-
-
 def measure(name: str, steps: int, dtype: str) -> dict:
   method, model, size, batch, goal = CASES[name]
   bench = cpu_profile.StepBench(method, model, size, batch, extra_config={"dtype": dtype})
   run, compiled = bench.runner()
   gflop = bench.reference_flops() / 1e9
   mm_dtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
-  mm = matmul_gflops(mm_dtype)
+  mm = cpu_profile.matmul_gflops(mm_dtype)
   best = cpu_profile.interleaved_best({"step": run}, steps)["step"]
-  mm = max(mm, matmul_gflops(mm_dtype))
+  mm = max(mm, cpu_profile.matmul_gflops(mm_dtype))
   return {"name": name, "method": method, "model": model["name"], "size": size, "batch": batch,
           "gflop": gflop, "seconds": best, "gflops": gflop / best, "matmul": mm,
           "ratio": gflop / best / mm, "goal": goal, "run": run, "compiled": compiled,

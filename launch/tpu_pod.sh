@@ -5,12 +5,12 @@
 #   launch/tpu_pod.sh [options] STEP... [-- <ssl_jax.main arguments>]
 #
 # DetCon-B on ImageNet, 128 chips (a v4-256 slice: 32 hosts of 4 chips), workdir in a bucket.
-# FH masks are precomputed once (README "DetCon on ImageNet") into a folder every host mounts
-# (a read-only persistent disk, or the bucket through gcsfuse; array_record is read as files):
+# FH masks are precomputed once (README "DetCon on ImageNet") into the bucket; every host reads
+# the shards from it (or from a folder every host mounts):
 #   BUCKET=gs://my-bucket
 #   launch/tpu_pod.sh --name=detcon --zone=us-central2-b --accelerator-type=v4-256 all -- \
 #       --config=configs/detcon_b.py --workdir=$BUCKET/detcon_b \
-#       --config.data.source_args.path=/mnt/imagenet_fh
+#       --config.data.source_args.path=$BUCKET/imagenet_fh
 # Preempted or stopped? Rerun `run` (or `create install run` after a spot VM was reclaimed) with
 # the same --workdir: training resumes from its last checkpoint in the bucket.
 #

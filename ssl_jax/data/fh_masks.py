@@ -8,7 +8,8 @@ and studies scales {500, 1000, 1500}. Usage:
   python -m ssl_jax.data.fh_masks --source=image_folder --source_args=root=/data/photos \\
       --out=/data/photos_fh --scales=500,1000,1500 --min_sizes=1000 --processes=16
 
-Output folder:
+Output folder (local, or a bucket: `--out=gs://bucket/imagenet_fh`; the training run then reads
+the shards straight from the bucket, array_record's own GCS reader with the default credentials):
   fh-KKKKK-of-SSSSS.array_record  shard k holds source records [k*N//S, (k+1)*N//S) in order
                                   (N records, S shards), one `ssl_jax.data.records` entry each;
   settings.json                   what the folder is filled with (source, arguments, scales,
@@ -45,6 +46,7 @@ to at most that many pixels, because skimage's FH needs ~290 bytes per pixel (~5
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import hashlib
@@ -54,11 +56,13 @@ import multiprocessing
 import os
 import statistics
 import time
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
+from ssl_jax import paths
 from ssl_jax.data import records
 from ssl_jax.data import sources
 from ssl_jax.errors import UserError
@@ -191,26 +195,39 @@ def _cached_source(name: str, args_json: str):
 def write_shard(job: Mapping[str, Any]) -> str:
   """Writes shard `job["k"]` (records [start, stop)) unless it exists; returns its file name.
 
-  The shard is written as `.<name>.tmp-<pid>` and renamed when complete, so the final name only
-  ever holds a finished shard.
+  Local `out`: the shard is written as `.<name>.tmp-<pid>` and renamed when complete. Bucket
+  `out` (gs://): it is written to a local temporary file and uploaded when complete (an object
+  appears only once its upload finishes). Either way the final name only ever holds a finished
+  shard.
   """
   from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
   name = shard_name(job["k"], job["num_shards"])
-  final = os.path.join(job["out"], name)
-  if os.path.exists(final):
+  final = epath.Path(job["out"]) / name
+  if final.exists():
     return name
   source = _cached_source(job["source"], json.dumps(job["source_args"], sort_keys=True))
-  tmp = os.path.join(job["out"], f".{name}.tmp-{os.getpid()}")
-  writer = array_record_module.ArrayRecordWriter(tmp, _WRITER_OPTIONS)
-  try:
-    for i in range(job["start"], job["stop"]):
-      entry = make_entry(source, i, job["scales"], job["min_sizes"], job["max_side"],
-                         job["max_pixels"])
-      writer.write(records.encode_record(entry))
-  finally:
-    writer.close()
-  os.replace(tmp, final)
+  with _shard_file(final) as tmp:
+    writer = array_record_module.ArrayRecordWriter(tmp, _WRITER_OPTIONS)
+    try:
+      for i in range(job["start"], job["stop"]):
+        entry = make_entry(source, i, job["scales"], job["min_sizes"], job["max_side"],
+                           job["max_pixels"])
+        writer.write(records.encode_record(entry))
+    finally:
+      writer.close()
   return name
+
+
+@contextlib.contextmanager
+def _shard_file(final: epath.Path) -> Iterator[str]:
+  """A local path to write shard `final` through; it becomes `final` when the block succeeds."""
+  if paths.is_remote(final):
+    with paths.local_output(final) as local:
+      yield local
+    return
+  tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+  yield str(tmp)
+  os.replace(tmp, final)
 
 
 def shard_stats(path: str, first_index: int) -> dict[str, Any]:
@@ -251,14 +268,15 @@ def _held_settings(out: str) -> Optional[dict[str, Any]]:
     StaleOutputError: shards are there but nothing says how they were made.
   """
   for name in ("settings.json", "metadata.json"):
-    path = os.path.join(out, name)
-    if os.path.exists(path):
-      with open(path) as f:
-        held = json.load(f)
+    path = epath.Path(out) / name
+    if path.exists():
+      held = json.loads(path.read_text())
       held.setdefault("format_version", 1)  # metadata.json of version 1 had it; be explicit
       return held
-  shards = sorted(f for f in os.listdir(out) if f.startswith("fh-")
-                  and f.endswith(".array_record"))
+  if not epath.Path(out).exists():  # a bucket prefix with nothing under it yet
+    return None
+  shards = sorted(f.name for f in epath.Path(out).iterdir() if f.name.startswith("fh-")
+                  and f.name.endswith(".array_record"))
   if shards:
     raise StaleOutputError(
         f"--out={out} holds {len(shards)} FH shards ({shards[0]}, ...) but no settings.json or "
@@ -289,12 +307,8 @@ def check_out_folder(out: str, settings: Mapping[str, Any]) -> Optional[dict[str
   return held
 
 
-def _atomic_write_json(path: str, obj: Any) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
+def _atomic_write_json(path, obj: Any) -> None:
+  paths.write_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def _summary(counts: Sequence[int]) -> dict[str, float]:
@@ -350,17 +364,21 @@ def precompute(source: str, source_args: Mapping[str, Any], out: str,
       "scales": scales, "min_sizes": min_sizes, "sigma": SIGMA, "max_side": int(max_side),
       "max_pixels": int(max_pixels), "num_records": n,
       "num_shards": plan_shards(n, records_per_shard, processes)})
-  os.makedirs(out, exist_ok=True)
+  out = str(paths.resolve(out))
+  if not paths.is_remote(out):
+    os.makedirs(out, exist_ok=True)  # a bucket has no folders to make
   held = check_out_folder(out, settings)
   if held is not None:
     settings["num_shards"] = int(held["num_shards"])  # a rerun keeps the first run's layout
   else:
-    _atomic_write_json(os.path.join(out, "settings.json"), settings)
+    _atomic_write_json(epath.Path(out) / "settings.json", settings)
   num_shards = settings["num_shards"]
-  # Leftovers of a killed run: only temporary files; finished shards are kept and skipped.
-  for f in os.listdir(out):
-    if f.startswith(".fh-") and ".tmp-" in f:
-      os.remove(os.path.join(out, f))
+  # Leftovers of a killed run: only temporary files, finished shards are kept and skipped (a
+  # bucket never holds temporary shards: they are written locally and uploaded when complete).
+  if not paths.is_remote(out):
+    for f in os.listdir(out):
+      if f.startswith(".fh-") and ".tmp-" in f:
+        os.remove(os.path.join(out, f))
   jobs = [{"k": k, "num_shards": num_shards, "start": start, "stop": stop, "out": out,
            "source": source, "source_args": source_args, "scales": scales,
            "min_sizes": min_sizes, "max_side": int(max_side), "max_pixels": int(max_pixels)}
@@ -368,8 +386,7 @@ def precompute(source: str, source_args: Mapping[str, Any], out: str,
   if shards is not None:
     wanted = set(shards)
     jobs = [j for j in jobs if j["k"] in wanted]
-  pending = [j for j in jobs
-             if not os.path.exists(os.path.join(out, shard_name(j["k"], num_shards)))]
+  pending = [j for j in jobs if not (epath.Path(out) / shard_name(j["k"], num_shards)).exists()]
   sizes = {shard_name(j["k"], num_shards): j["stop"] - j["start"] for j in pending}
   workers = min(processes, len(pending))
   bar = None
@@ -401,9 +418,9 @@ def precompute(source: str, source_args: Mapping[str, Any], out: str,
   shard_list, failures, capped, all_segments, labels = [], [], [], {}, []
   for j in jobs:
     name = shard_name(j["k"], num_shards)
-    st = shard_stats(os.path.join(out, name), j["start"])
+    st = shard_stats(f"{out}/{name}", j["start"])
     if st["num_records"] != j["stop"] - j["start"]:
-      raise RuntimeError(f"{os.path.join(out, name)} holds {st['num_records']} records, "
+      raise RuntimeError(f"{out}/{name} holds {st['num_records']} records, "
                          f"expected {j['stop'] - j['start']}: delete it and rerun")
     failures += st["failures"]
     capped += st["capped"]
@@ -420,7 +437,7 @@ def precompute(source: str, source_args: Mapping[str, Any], out: str,
       "segments": {k: _summary(v) for k, v in sorted(all_segments.items())},
       "failures": failures, "capped": capped, "shards": shard_list,
   })
-  _atomic_write_json(os.path.join(out, "metadata.json"), metadata)
+  _atomic_write_json(epath.Path(out) / "metadata.json", metadata)
   if progress:
     computed = sum(sizes.values())
     print(f"FH masks: {n} records in {num_shards} shards at {out}; {len(failures)} failed; "
@@ -475,22 +492,22 @@ class FHMaskDataset(sources.Source):
             "source_args.precompute_from=<source name> to compute them into a cache on first use)")
       path = self._ensure_cache(precompute_from, dict(precompute_args or {}), scale, min_size,
                                 max_side, cache_dir or sources.default_cache_dir())
-    self.path = path
-    meta_path = os.path.join(path, "metadata.json")
-    if not os.path.exists(meta_path):
+    self.path = path = str(paths.resolve(path))
+    meta_path = epath.Path(path) / "metadata.json"
+    if not meta_path.exists():
       raise FileNotFoundError(
           f"FHMaskDataset: {meta_path} not found; precompute masks with `python -m "
           f"ssl_jax.data.fh_masks --out={path} ...` (an unfinished run has no metadata.json: "
           "rerun the same command to resume it)")
-    with open(meta_path) as f:
-      self.metadata = json.load(f)
+    self.metadata = json.loads(meta_path.read_text())
     self.key = records.mask_key(scale, min_size)
     available = [records.mask_key(s, m) for s in self.metadata["scales"]
                  for m in self.metadata["min_sizes"]]
     if self.key not in available:
       raise ValueError(f"FHMaskDataset: scale={scale}, min_size={min_size} were not precomputed "
                        f"in {path}; available (scale_min_size): {available}")
-    self._shards = [os.path.join(path, s["file"]) for s in self.metadata["shards"]]
+    # array_record reads gs:// shards itself (riegeli's GCS reader, default credentials).
+    self._shards = [f"{path}/{s['file']}" for s in self.metadata["shards"]]
     self._len = int(self.metadata["num_records"])
     self.num_classes = int(self.metadata.get("num_classes", 0))
     self._source = None

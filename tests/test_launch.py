@@ -131,10 +131,17 @@ def test_local_multiprocess_stops_the_others_when_one_fails(tmp_path):
   """A process that fails stops its peers (which would otherwise wait in a collective forever)
   and its exit status is the launcher's."""
   fake = tmp_path / "python"
+  # Process 1 fails once its peers are up (their TERM trap set), not before: a peer killed
+  # while bash is still starting would never run its trap.
   fake.write_text("#!/usr/bin/env bash\n"
-                  "[[ $JAX_PROCESS_ID == 1 ]] && exit 7\n"
+                  "if [[ $JAX_PROCESS_ID == 1 ]]; then\n"
+                  f"  for _ in $(seq 300); do [[ -e {tmp_path}/up_0 && -e {tmp_path}/up_2 ]] "
+                  "&& break; sleep 0.1; done\n"
+                  "  exit 7\n"
+                  "fi\n"
                   f"trap 'kill $s; touch {tmp_path}/stopped_$JAX_PROCESS_ID; exit 0' TERM\n"
                   "sleep 60 >/dev/null 2>&1 & s=$!\n"
+                  f"touch {tmp_path}/up_$JAX_PROCESS_ID\n"
                   "wait $s\n")
   fake.chmod(0o755)
   out = _run("local_multiprocess.sh", "--port=1", "3", "--", "--config=c",

@@ -30,27 +30,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.common import bench_config, xla_flops  # noqa: E402
+
 
 def _config(name: str, model: dict, image_size: int, batch: int, decoder: tuple[int, int, int]):
-  from ssl_jax import config_lib  # pylint: disable=import-outside-toplevel
-  from tests.helpers import load_config  # pylint: disable=import-outside-toplevel
-
-  config = load_config(name, None)
+  config = bench_config(name, None, model, image_size, batch)
   with config.unlocked():
-    config.model = config_lib.ConfigDict(model)
-    config.data.image_size = image_size
-    config.data.num_workers = 0
-    config.train.batch_size = batch
-    config.train.total_steps = 1000
     config.method_args.update({"decoder_dim": decoder[0], "decoder_depth": decoder[1],
                                "decoder_heads": decoder[2]})
   return config
-
-
-def _flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost["flops"])
 
 
 def prepare(name: str, model: dict, image_size: int, batch: int, decoder, flops_only: bool):
@@ -66,7 +54,7 @@ def prepare(name: str, model: dict, image_size: int, batch: int, decoder, flops_
       k: (rng.integers(0, 256, v.shape).astype(v.dtype) if k == "image"
           else np.zeros(v.shape, v.dtype)) for k, v in setup.batch_spec.items()})
   holder = {"ts": setup.init_state(arrays)}
-  flops = _flops(setup.train_step.lower(holder["ts"], arrays, setup.constants).compile())
+  flops = xla_flops(setup.train_step.lower(holder["ts"], arrays, setup.constants).compile())
   if flops_only:
     return flops / 1e9, None, setup
 
@@ -92,7 +80,7 @@ def encoder_pass_flops(setup, image_size: int, batch: int) -> dict[str, float]:
   out = {}
   for key, attention in (("importance_forward", "cls_key"), ("full_forward", False)):
     compiled = jax.jit(full, static_argnums=2).lower(params, x, attention).compile()
-    out[key] = _flops(compiled) / 1e9
+    out[key] = xla_flops(compiled) / 1e9
   return out
 
 

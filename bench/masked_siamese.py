@@ -31,27 +31,25 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from bench.common import bench_config, xla_flops  # noqa: E402
+
 
 def prepare(name: str, arg: str, model: dict, batch: int, image_size: int, heads: str):
   """Compiles a train step; returns (step GFLOP, backbone-forward GFLOP, one-step function)."""
   from ssl_jax import config_lib, train  # pylint: disable=import-outside-toplevel
   from ssl_jax.ops import patches  # pylint: disable=import-outside-toplevel
-  from tests.helpers import BlockSource, load_config  # pylint: disable=import-outside-toplevel
+  from tests.helpers import BlockSource  # pylint: disable=import-outside-toplevel
 
-  config = load_config(name, arg)
+  config = bench_config(name, arg, model, image_size, batch)
   with config.unlocked():
-    config.model = config_lib.ConfigDict(model)
-    config.data.image_size = image_size
-    config.data.num_workers = 0
-    config.train.batch_size = batch
-    config.train.total_steps = 1000
     config.eval = config_lib.ConfigDict()
     if name.startswith("masked"):
       config.method_args.head_norm = heads
   setup = train.build(config, source=BlockSource(n=batch, size=image_size))
   arrays = setup.device_batch(next(train.make_data_iterator(setup)))
   holder = {"ts": setup.init_state(arrays)}
-  step_flops = _flops(setup.train_step.lower(holder["ts"], arrays, setup.constants))
+  lowered = setup.train_step.lower(holder["ts"], arrays, setup.constants)
+  step_flops = xla_flops(lowered.compile()) / 1e9
 
   n = int(config.method_args.get("num_chunks", 1))
   backbone = setup.method.backbone
@@ -60,7 +58,7 @@ def prepare(name: str, arg: str, model: dict, batch: int, image_size: int, heads
   num_patches = (image_size // model["patch_size"]) ** 2
   idx = None if n == 1 else patches.chunk_indices(jax.random.PRNGKey(0), batch, num_patches, n)[0]
   forward = jax.jit(lambda v, x, i: backbone.apply(v, x, train=True, keep_indices=i)["pooled"])
-  backbone_flops = _flops(forward.lower(variables, images, idx))
+  backbone_flops = xla_flops(forward.lower(variables, images, idx).compile()) / 1e9
 
   def step():
     holder["ts"], m = setup.step(holder["ts"], arrays)
@@ -68,12 +66,6 @@ def prepare(name: str, arg: str, model: dict, batch: int, image_size: int, heads
 
   step()
   return step_flops, backbone_flops, step
-
-
-def _flops(lowered) -> float:
-  cost = lowered.compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost["flops"]) / 1e9
 
 
 def attention_gflops(batch: int, num_patches: int, n: int, dim: int, depth: int) -> float:

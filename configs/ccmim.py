@@ -52,25 +52,11 @@ def get_config(arg=None):
   })
   c.model = config_lib.ConfigDict({"name": "vit_base", "patch_size": 16, "pos_embed": "sincos",
                                    "pool": "mean"})
-  config_lib.imagenet_data(c)
-  c.data.image_size = 224
+  config_lib.mae_recipe(c)
   c.data.views = "crop_only" if paper else "mae"
-  c.optim.name = "adamw"
-  c.optim.base_lr = 1.5e-4
-  c.optim.weight_decay = 0.05
-  c.optim.b1, c.optim.b2 = 0.9, 0.95
-  c.optim.warmup_epochs = 40.0
-  c.optim.exclude_from_decay = "bias_and_norm"
   c.train.batch_size = 1024 if paper else 4096
   c.train.num_epochs = float(args.get("epochs", 800))
-  config_lib.apply_size_variant(c, args, vit=True)
-  if args.get("demo") or args.get("test"):
-    demo = bool(args.get("demo"))
-    c.model.pos_embed = "sincos"
+  if config_lib.apply_mae_size_variant(c, args):
     c.model.pool = "mean"
-    c.method_args.update({"decoder_dim": 64 if demo else 32,
-                          "decoder_depth": min(c.method_args.decoder_depth, 2 if demo else 1),
-                          "decoder_heads": 4 if demo else 2, "predictor_hidden": 64 if demo else 16})
-    if demo:
-      c.optim.base_lr = 1e-3
+    c.method_args.predictor_hidden = 64 if args.get("demo") else 16
   return c

@@ -31,23 +31,9 @@ def get_config(arg=None):
       "mask_ratio": 0.75, "norm_pix_loss": True,
       "decoder_dim": 512, "decoder_depth": 8, "decoder_heads": 16})
   c.model = config_lib.ConfigDict({"name": "vit_base", "patch_size": 16, "pos_embed": "sincos"})
-  config_lib.imagenet_data(c)
-  c.data.image_size = 224
+  config_lib.mae_recipe(c)
   c.data.views = "mae"
-  c.optim.name = "adamw"
-  c.optim.base_lr = 1.5e-4
-  c.optim.weight_decay = 0.05
-  c.optim.b1, c.optim.b2 = 0.9, 0.95
-  c.optim.warmup_epochs = 40.0
-  c.optim.exclude_from_decay = "bias_and_norm"
   c.train.batch_size = 4096
   c.train.num_epochs = float(args.get("epochs", 800))
-  config_lib.apply_size_variant(c, args, vit=True)
-  if args.get("demo") or args.get("test"):
-    demo = bool(args.get("demo"))
-    c.model.pos_embed = "sincos"
-    c.method_args.update({"decoder_dim": 64 if demo else 32, "decoder_depth": 2 if demo else 1,
-                          "decoder_heads": 4 if demo else 2})
-    if demo:
-      c.optim.base_lr = 1e-3
+  config_lib.apply_mae_size_variant(c, args)
   return c

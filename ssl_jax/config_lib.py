@@ -236,6 +236,38 @@ def imagenet_data(config: ConfigDict, split: str = "train") -> None:
   config.data.prefetch = 4
 
 
+def mae_recipe(config: ConfigDict) -> None:
+  """MAE's optimiser and data (`PRETRAIN.md`, `main_pretrain.py`), shared by MAE and ccMIM:
+  ImageNet at 224 px, AdamW β (0.9, 0.95), lr 1.5e-4 × bs/256, wd 0.05 on parameters of ≥ 2
+  dimensions (biases and norms excluded), 40 warmup epochs + cosine."""
+  imagenet_data(config)
+  config.data.image_size = 224
+  config.optim.name = "adamw"
+  config.optim.base_lr = 1.5e-4
+  config.optim.weight_decay = 0.05
+  config.optim.b1, config.optim.b2 = 0.9, 0.95
+  config.optim.warmup_epochs = 40.0
+  config.optim.exclude_from_decay = "bias_and_norm"
+
+
+def apply_mae_size_variant(config: ConfigDict, args: dict[str, Any]) -> bool:
+  """`apply_size_variant` for the MAE family: also a tiny decoder (at most the config's depth),
+  fixed sin-cos positions, and base lr 1e-3 for the demo (1.5e-4 is tuned for 800 epochs at
+  batch 4096 and barely moves a tiny model in a few hundred steps). Returns whether a size
+  variant applied."""
+  apply_size_variant(config, args, vit=True)
+  if not (args.get("demo") or args.get("test")):
+    return False
+  demo = bool(args.get("demo"))
+  config.model.pos_embed = "sincos"
+  config.method_args.update({
+      "decoder_dim": 64 if demo else 32, "decoder_heads": 4 if demo else 2,
+      "decoder_depth": min(config.method_args.decoder_depth, 2 if demo else 1)})
+  if demo:
+    config.optim.base_lr = 1e-3
+  return True
+
+
 def apply_size_variant(config: ConfigDict, args: dict[str, Any], vit: bool = False) -> None:
   """`demo` (CPU minutes on the built-in photos) and `test` (seconds, tiny model) variants.
 

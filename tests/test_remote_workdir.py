@@ -40,8 +40,8 @@ def gcs(tmp_path_factory):
   server.start()
   log_path = tmp_path_factory.mktemp("gcs") / "fake-gcs-server.log"
   log = open(log_path, "wb")  # pylint: disable=consider-using-with
-  threading.Thread(target=shutil.copyfileobj, args=(server._process.stderr, log),  # pylint: disable=protected-access
-                   daemon=True).start()
+  server_log = server._process.stderr  # pylint: disable=protected-access  # the unread pipe
+  threading.Thread(target=shutil.copyfileobj, args=(server_log, log), daemon=True).start()
   request = urllib.request.Request(
       f"{server.url}/storage/v1/b?project=test", data=json.dumps({"name": BUCKET}).encode(),
       headers={"Content-Type": "application/json"}, method="POST")
@@ -62,7 +62,8 @@ def gcs(tmp_path_factory):
 
 
 def _run(gcs, module, *args):
-  env = dict(os.environ, **gcs["env"], JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".cache", "jax"))
+  env = dict(os.environ, **gcs["env"],
+             JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".cache", "jax"))
   try:
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=RUN_TIMEOUT_S)

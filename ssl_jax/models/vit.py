@@ -26,11 +26,13 @@ projection xavier-uniform on its [p·p·3, D] view, CLS token normal(0.02).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 from ssl_jax.ops import patches
@@ -129,6 +131,17 @@ class Attention(nn.Module):
     return dense(d, name="proj")(out), attn
 
 
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact GELU, x Φ(x), in torch's form 0.5·x·(1 + erf(x/√2)) (x any shape; same dtype).
+
+  `jax.nn.gelu(approximate=False)` is the same function through erfc, which XLA:CPU expands
+  into a slower polynomial: fc1's GELU of a ViT-S/16 MoCo v3 step at 96 px took 1.75x longer
+  forward + backward (2.68 vs 1.53 ms on [1184, 1536]; 2026-12-02). Error against float64: at
+  most 1.2e-6 absolute (the erfc form 3.8e-7; both far below float32 training noise).
+  """
+  return 0.5 * x * (1.0 + lax.erf(x * (1.0 / math.sqrt(2.0))))
+
+
 class Mlp(nn.Module):
   """timm Mlp: fc1 → exact-erf GELU → fc2 (x [..., D] → [..., out_dim]); weights xavier-uniform
   as MAE / MoCo v3 initialise them, `kernel_init` for others (Swin: normal(0.02))."""
@@ -141,7 +154,7 @@ class Mlp(nn.Module):
   def __call__(self, x):
     dense = functools.partial(nn.Dense, kernel_init=self.kernel_init, dtype=self.dtype,
                               param_dtype=jnp.float32)
-    x = nn.gelu(dense(self.hidden_dim, name="fc1")(x), approximate=False)  # torch's exact GELU
+    x = gelu(dense(self.hidden_dim, name="fc1")(x))
     return dense(self.out_dim, name="fc2")(x)
 
 

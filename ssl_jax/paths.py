@@ -86,11 +86,21 @@ def local_copy(path) -> Iterator[str]:
 
 @contextlib.contextmanager
 def local_output(path) -> Iterator[str]:
-  """A local file path to write `path` through: itself (parent folders created) when local, else
-  a temporary file uploaded to `path` when the block ends without error."""
+  """A local file path to write `path` through; `path` appears, complete, only when the block
+  ends without error. Local: the sibling `.<name>.tmp-<pid>` (parent folders created), renamed
+  over `path`; bucket: a temporary file, uploaded (an object appears when its upload ends).
+  A failed block leaves nothing; a killed one at most the local sibling."""
   if not is_remote(path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    yield str(path)
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+      yield tmp
+    except BaseException:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+      raise
+    os.replace(tmp, path)
     return
   dst = epath.Path(path)
   with tempfile.TemporaryDirectory(prefix="ssl_jax_") as tmp:

@@ -46,7 +46,6 @@ to at most that many pixels, because skimage's FH needs ~290 bytes per pixel (~5
 """
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import functools
 import hashlib
@@ -56,7 +55,7 @@ import multiprocessing
 import os
 import statistics
 import time
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 from etils import epath
@@ -193,20 +192,16 @@ def _cached_source(name: str, args_json: str):
 
 
 def write_shard(job: Mapping[str, Any]) -> str:
-  """Writes shard `job["k"]` (records [start, stop)) unless it exists; returns its file name.
+  """Writes shard `job["k"]` (records [start, stop)); returns its file name.
 
-  Local `out`: the shard is written as `.<name>.tmp-<pid>` and renamed when complete. Bucket
-  `out` (gs://): it is written to a local temporary file and uploaded when complete (an object
-  appears only once its upload finishes). Either way the final name only ever holds a finished
-  shard.
+  Written through `paths.local_output`: locally as `.<name>.tmp-<pid>`, renamed when complete;
+  into a bucket (gs://) as a local temporary file, uploaded when complete. Either way the final
+  name only ever holds a finished shard.
   """
   from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
   name = shard_name(job["k"], job["num_shards"])
-  final = epath.Path(job["out"]) / name
-  if final.exists():
-    return name
   source = _cached_source(job["source"], json.dumps(job["source_args"], sort_keys=True))
-  with _shard_file(final) as tmp:
+  with paths.local_output(f"{job['out']}/{name}") as tmp:
     writer = array_record_module.ArrayRecordWriter(tmp, _WRITER_OPTIONS)
     try:
       for i in range(job["start"], job["stop"]):
@@ -216,18 +211,6 @@ def write_shard(job: Mapping[str, Any]) -> str:
     finally:
       writer.close()
   return name
-
-
-@contextlib.contextmanager
-def _shard_file(final: epath.Path) -> Iterator[str]:
-  """A local path to write shard `final` through; it becomes `final` when the block succeeds."""
-  if paths.is_remote(final):
-    with paths.local_output(final) as local:
-      yield local
-    return
-  tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-  yield str(tmp)
-  os.replace(tmp, final)
 
 
 def shard_stats(path: str, first_index: int) -> dict[str, Any]:
@@ -267,15 +250,16 @@ def _held_settings(out: str) -> Optional[dict[str, Any]]:
   Raises:
     StaleOutputError: shards are there but nothing says how they were made.
   """
+  root = epath.Path(out)
   for name in ("settings.json", "metadata.json"):
-    path = epath.Path(out) / name
+    path = root / name
     if path.exists():
       held = json.loads(path.read_text())
       held.setdefault("format_version", 1)  # metadata.json of version 1 had it; be explicit
       return held
-  if not epath.Path(out).exists():  # a bucket prefix with nothing under it yet
+  if not root.exists():  # a bucket prefix with nothing under it yet
     return None
-  shards = sorted(f.name for f in epath.Path(out).iterdir() if f.name.startswith("fh-")
+  shards = sorted(f.name for f in root.iterdir() if f.name.startswith("fh-")
                   and f.name.endswith(".array_record"))
   if shards:
     raise StaleOutputError(
@@ -364,14 +348,15 @@ def precompute(source: str, source_args: Mapping[str, Any], out: str,
       "scales": scales, "min_sizes": min_sizes, "sigma": SIGMA, "max_side": int(max_side),
       "max_pixels": int(max_pixels), "num_records": n,
       "num_shards": plan_shards(n, records_per_shard, processes)})
-  out = str(paths.resolve(out))
+  root = paths.resolve(out)
+  out = str(root)
   if not paths.is_remote(out):
     os.makedirs(out, exist_ok=True)  # a bucket has no folders to make
   held = check_out_folder(out, settings)
   if held is not None:
     settings["num_shards"] = int(held["num_shards"])  # a rerun keeps the first run's layout
   else:
-    _atomic_write_json(epath.Path(out) / "settings.json", settings)
+    _atomic_write_json(root / "settings.json", settings)
   num_shards = settings["num_shards"]
   # Leftovers of a killed run: only temporary files, finished shards are kept and skipped (a
   # bucket never holds temporary shards: they are written locally and uploaded when complete).
@@ -386,7 +371,8 @@ def precompute(source: str, source_args: Mapping[str, Any], out: str,
   if shards is not None:
     wanted = set(shards)
     jobs = [j for j in jobs if j["k"] in wanted]
-  pending = [j for j in jobs if not (epath.Path(out) / shard_name(j["k"], num_shards)).exists()]
+  done = {p.name for p in root.iterdir()} if root.exists() else set()
+  pending = [j for j in jobs if shard_name(j["k"], num_shards) not in done]  # one listing
   sizes = {shard_name(j["k"], num_shards): j["stop"] - j["start"] for j in pending}
   workers = min(processes, len(pending))
   bar = None
@@ -437,7 +423,7 @@ def precompute(source: str, source_args: Mapping[str, Any], out: str,
       "segments": {k: _summary(v) for k, v in sorted(all_segments.items())},
       "failures": failures, "capped": capped, "shards": shard_list,
   })
-  _atomic_write_json(epath.Path(out) / "metadata.json", metadata)
+  _atomic_write_json(root / "metadata.json", metadata)
   if progress:
     computed = sum(sizes.values())
     print(f"FH masks: {n} records in {num_shards} shards at {out}; {len(failures)} failed; "

@@ -38,6 +38,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.common import bench_config, interleaved_best, xla_flops  # noqa: E402,F401  (re-exported)
+
 # -------------------------------------------------------------------------------------------
 # Building and timing steps (bench/mfu.py uses these too).
 
@@ -67,16 +69,10 @@ class StepBench:
                method_args: dict | None = None, views: str | None = None,
                use_matmul: Callable[..., bool] | None = None, extra_config: dict | None = None):
     from ssl_jax import train  # pylint: disable=import-outside-toplevel
-    from ssl_jax.config_lib import ConfigDict  # pylint: disable=import-outside-toplevel
-    from tests.helpers import BlockSource, load_config  # pylint: disable=import-outside-toplevel
+    from tests.helpers import BlockSource  # pylint: disable=import-outside-toplevel
 
-    config = load_config(method, None)
+    config = bench_config(method, None, model, image_size, batch)
     with config.unlocked():
-      config.model = ConfigDict(model)
-      config.data.image_size = image_size
-      config.data.num_workers = 0
-      config.train.batch_size = batch
-      config.train.total_steps = 1000
       for k, v in (method_args or {}).items():
         config.method_args[k] = v
       if views:
@@ -126,16 +122,12 @@ class StepBench:
     with mock.patch.object(conv, "use_matmul", lambda *_: False), self._extra_recipes():
       lowered = self.setup.train_step.lower(self.state, self.batch, self.setup.constants)
     jax.clear_caches()
-    cost = lowered.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost["flops"])
+    return xla_flops(lowered)
 
   def compile(self, options: dict | None = None):
     compiled = self.lowered.compile(compiler_options=dict(options or {}))
     if self.flops is None:
-      cost = compiled.cost_analysis()
-      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-      self.flops = float(cost["flops"])
+      self.flops = xla_flops(compiled)
     return compiled
 
   def runner(self, options: dict | None = None) -> tuple[Callable[[], None], Any]:
@@ -149,17 +141,6 @@ class StepBench:
 
     run()
     return run, compiled
-
-
-def interleaved_best(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-  """Best seconds of each function, run in alternation so machine noise hits all alike."""
-  best = {k: float("inf") for k in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      t = time.perf_counter()
-      fn()
-      best[name] = min(best[name], time.perf_counter() - t)
-  return best
 
 
 def machine_load() -> str:

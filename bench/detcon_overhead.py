@@ -13,48 +13,31 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
+from bench.common import bench_config, interleaved_best, xla_flops  # noqa: E402
+
 
 def prepare(name: str, model: dict, batch: int, image_size: int):
   """Compiles `name`'s train step; returns (XLA GFLOP per step, a function running one step)."""
   from ssl_jax import train  # pylint: disable=import-outside-toplevel
-  from tests.helpers import BlockSource, load_config  # pylint: disable=import-outside-toplevel
+  from tests.helpers import BlockSource  # pylint: disable=import-outside-toplevel
 
-  config = load_config(name, None)
-  with config.unlocked():
-    config.model = config.model.__class__(model)
-    config.data.image_size = image_size
-    config.data.num_workers = 0
-    config.train.batch_size = batch
-    config.train.total_steps = 1000
+  config = bench_config(name, None, model, image_size, batch)
   setup = train.build(config, source=BlockSource(n=batch, size=image_size))
   arrays = setup.device_batch(next(train.make_data_iterator(setup)))
   holder = {"ts": setup.init_state(arrays)}
-  cost = setup.train_step.lower(holder["ts"], arrays, setup.constants).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = xla_flops(setup.train_step.lower(holder["ts"], arrays, setup.constants).compile())
 
   def step():
     holder["ts"], m = setup.step(holder["ts"], arrays)
     jax.block_until_ready(m["loss"])
 
   step()
-  return float(cost["flops"]) / 1e9, step
-
-
-def interleaved_best(steps: dict, repeats: int) -> dict:
-  """Best time of each step function, timed in alternation so machine noise hits all alike."""
-  best = {k: float("inf") for k in steps}
-  for _ in range(repeats):
-    for name, fn in steps.items():
-      t = time.perf_counter()
-      fn()
-      best[name] = min(best[name], time.perf_counter() - t)
-  return best
+  return flops / 1e9, step
 
 
 def main():

@@ -21,6 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
+from bench.common import bench_config  # noqa: E402
+
 
 def pipeline_images_per_second(source, image_size: int, batch: int, workers: int,
                                num_batches: int) -> float:
@@ -38,13 +40,7 @@ def pipeline_images_per_second(source, image_size: int, batch: int, workers: int
 
 def step_images_per_second(source, image_size: int, batch: int, steps: int) -> float:
   from ssl_jax import train  # pylint: disable=import-outside-toplevel
-  from tests.helpers import load_config  # pylint: disable=import-outside-toplevel
-  config = load_config("detcon_b", None)
-  with config.unlocked():
-    config.data.image_size = image_size
-    config.data.num_workers = 0
-    config.train.batch_size = batch
-    config.train.total_steps = 1000
+  config = bench_config("detcon_b", None, None, image_size, batch)
   setup = train.build(config, source=source)
   arrays = setup.device_batch(next(train.make_data_iterator(setup)))
   ts = setup.init_state(arrays)

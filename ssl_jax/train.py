@@ -147,23 +147,28 @@ def build(config: ml_collections.ConfigDict, mesh=None, source=None) -> Setup:
     if config.sharding.fsdp:
       grads = jax.lax.with_sharding_constraint(grads, state_sharding["params"])
     features = metrics.pop("features", None)
-    updates, opt_state = tx.update(grads, ts["opt_state"], ts["params"])
-    params = optax.apply_updates(ts["params"], updates)
-    mstate = method.after_update(mstate, params, step)
-    new = {"step": step + 1, "params": params, "opt_state": opt_state, "state": mstate,
-           "probe": ts["probe"]}
+    probe_grads = None
     if ts["probe"] and features is not None:
       (_, probe_metrics), probe_grads = jax.value_and_grad(
           online_probe.online_probe_loss, has_aux=True)(
               ts["probe"]["params"], features, batch["label"])
-      p_updates, p_opt = PROBE_TX.update(probe_grads, ts["probe"]["opt_state"],
-                                         ts["probe"]["params"])
-      new["probe"] = {"params": optax.apply_updates(ts["probe"]["params"], p_updates),
-                      "opt_state": p_opt}
       metrics.update(probe_metrics)
+
+    def apply():
+      updates, opt_state = tx.update(grads, ts["opt_state"], ts["params"])
+      params = optax.apply_updates(ts["params"], updates)
+      new = {"step": step + 1, "params": params, "opt_state": opt_state,
+             "state": method.after_update(mstate, params, step), "probe": ts["probe"]}
+      if probe_grads is not None:
+        p_updates, p_opt = PROBE_TX.update(probe_grads, ts["probe"]["opt_state"],
+                                           ts["probe"]["params"])
+        new["probe"] = {"params": optax.apply_updates(ts["probe"]["params"], p_updates),
+                        "opt_state": p_opt}
+      return new, updates
+
     # A non-finite step leaves the state untouched: the host stops the run at this step and the
     # last checkpoint (and the in-memory state) stay good.
-    new, finite, grad_norm = loop.keep_if_finite(new, ts, loss, grads, updates)
+    new, finite, grad_norm = loop.update_if_finite(apply, ts, loss, grads)
     metrics.update(loss=loss, grad_norm=grad_norm, finite=finite, lr=schedule(step))
     return new, metrics
 

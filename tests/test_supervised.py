@@ -248,10 +248,18 @@ def test_loop_device_batch_and_finite_guard():
     loop.device_batch({"image": np.zeros((8, 4, 4, 3), np.float32)}, mesh, spec)
   with pytest.raises(ValueError, match="has no 'image'"):
     loop.device_batch({}, mesh, spec)
-  new, old = {"w": jnp.ones(2)}, {"w": jnp.zeros(2)}
-  for loss, grads, updates, finite in ((1.0, 1.0, 1.0, True), (jnp.nan, 1.0, 1.0, False),
-                                       (1.0, jnp.inf, 1.0, False), (1.0, 1.0, jnp.nan, False)):
-    kept, flag, _ = loop.keep_if_finite(new, old, jnp.float32(loss), {"g": jnp.float32(grads)},
-                                        {"u": jnp.float32(updates)})
+  old = {"w": jnp.zeros(2)}
+  # (loss, grads, update, flag, state kept): a non-finite loss or gradient never applies the
+  # update; a non-finite update from finite gradients is applied but flagged (the host stops).
+  for loss, grads, update, finite, applied in ((1.0, 1.0, 1.0, True, True),
+                                               (jnp.nan, 1.0, 1.0, False, False),
+                                               (1.0, jnp.inf, 1.0, False, False),
+                                               (1.0, -jnp.inf, 1.0, False, False),
+                                               (1.0, 1.0, jnp.nan, False, True)):
+    update = jnp.full(2, update, jnp.float32)
+    state, flag, grad_norm = jax.jit(lambda l, g, u: loop.update_if_finite(
+        lambda: ({"w": old["w"] + u}, {"w": u}), old, l, {"g": g}))(
+            jnp.float32(loss), jnp.float32(grads), update)
     assert bool(flag) == finite
-    np.testing.assert_array_equal(kept["w"], (new if finite else old)["w"])
+    assert float(grad_norm) == abs(grads) or not np.isfinite(grads)
+    np.testing.assert_array_equal(state["w"], old["w"] + update if applied else old["w"])

@@ -411,14 +411,17 @@ def build(config: ml_collections.ConfigDict, make_protocol: Callable[..., Protoc
     rng = jax.random.fold_in(base_key, step)
     grad_fn = jax.value_and_grad(protocol.loss_fn, has_aux=True)
     (loss, (state, metrics)), grads = grad_fn(ts["params"], ts["state"], consts, batch, rng)
-    updates, opt_state = protocol.tx.update(grads, ts["opt_state"], ts["params"])
-    params = optax.apply_updates(ts["params"], updates)
-    ema = ts["ema"]
-    if ema:
-      ema = optim.ema_update(ema, {"params": params, "state": state}, ema_decay)
-    new = {"step": step + 1, "params": params, "opt_state": opt_state, "state": state,
-           "ema": ema}
-    new, finite, grad_norm = loop.keep_if_finite(new, ts, loss, grads, updates)
+
+    def apply():
+      updates, opt_state = protocol.tx.update(grads, ts["opt_state"], ts["params"])
+      params = optax.apply_updates(ts["params"], updates)
+      ema = ts["ema"]
+      if ema:
+        ema = optim.ema_update(ema, {"params": params, "state": state}, ema_decay)
+      return {"step": step + 1, "params": params, "opt_state": opt_state, "state": state,
+              "ema": ema}, updates
+
+    new, finite, grad_norm = loop.update_if_finite(apply, ts, loss, grads)
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm, finite=finite,
                    lr=protocol.schedule(step))
     return new, metrics

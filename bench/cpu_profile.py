@@ -44,17 +44,22 @@ from bench.common import bench_config, interleaved_best, xla_flops  # noqa: E402
 # Building and timing steps (bench/mfu.py uses these too).
 
 
-def matmul_gflops(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> float:
-  """GFLOP/s of an n×n×n matmul in `dtype` on the default device (best of `repeats`)."""
+def matmul_runner(dtype=jnp.float32, n: int = 2048) -> Callable[[], None]:
+  """A function running one n×n×n matmul in `dtype` on the default device (compiled, warm)."""
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
   b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
   f = jax.jit(lambda x, y: x @ y)
-  jax.block_until_ready(f(a, b))
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
+
+  def run():
     jax.block_until_ready(f(a, b))
-    best = min(best, time.perf_counter() - t)
+
+  run()
+  return run
+
+
+def matmul_gflops(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> float:
+  """GFLOP/s of an n×n×n matmul in `dtype` on the default device (best of `repeats`)."""
+  best = interleaved_best({"mm": matmul_runner(dtype, n)}, repeats)["mm"]
   return 2 * n**3 / best / 1e9
 
 

@@ -8,7 +8,8 @@ Each case is `train.build`'s jitted step of its method (its own views, heads, op
 BlockSource images) at the given batch and resolution. FLOPs per step are XLA's count for the
 model's own convolutions (`cpu_profile.StepBench.reference_flops`: the im2col rewrite of
 `ssl_jax.models.conv` also multiplies padding zeros, which would flatter the figure); the
-reference rate is the best of a 2048³ matmul in `--dtype` timed before and after the step.
+reference rate is the best of a 2048³ matmul in `--dtype` timed before, between (in
+alternation with the steps) and after the steps.
 Goals on CPU (issue 16): ViT-S >= 0.7, ResNet-18 at 64 px >= 0.3, ResNet-50 at 224 px >= 0.4.
 For a case below its goal, the step is then profiled (bench/cpu_profile.py: every thunk's time
 attributed to its HLO instruction) and its share of time per op kind is printed under the table:
@@ -49,9 +50,14 @@ def measure(name: str, steps: int, dtype: str) -> dict:
   run, compiled = bench.runner()
   gflop = bench.reference_flops() / 1e9
   mm_dtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+  # The matmul is timed before, between (alternated with the steps) and after them, and its best
+  # is the reference: a load that comes and goes during the run slows both alike.
   mm = cpu_profile.matmul_gflops(mm_dtype)
-  best = cpu_profile.interleaved_best({"step": run}, steps)["step"]
-  mm = max(mm, cpu_profile.matmul_gflops(mm_dtype))
+  n = 2048
+  timed = cpu_profile.interleaved_best(
+      {"step": run, "matmul": cpu_profile.matmul_runner(mm_dtype, n)}, steps)
+  best = timed["step"]
+  mm = max(mm, 2 * n**3 / timed["matmul"] / 1e9, cpu_profile.matmul_gflops(mm_dtype))
   return {"name": name, "method": method, "model": model["name"], "size": size, "batch": batch,
           "gflop": gflop, "seconds": best, "gflops": gflop / best, "matmul": mm,
           "ratio": gflop / best / mm, "goal": goal, "run": run, "compiled": compiled,
